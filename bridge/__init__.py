@@ -1,0 +1,66 @@
+"""bridged: a plugin-based message bridge daemon on trio.
+
+The public API for plugin authors is what this module exports; everything else is internal.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from .config import Secret, setting
+from .errors import (
+    AuthError,
+    BridgeError,
+    ConfigError,
+    ContractError,
+    DecodeError,
+    DeliveryError,
+    HopLimitExceeded,
+    ReplayGap,
+)
+from .message import CHAT_EVENT, NOTIFICATION, Message
+from .plugins import PluginContext
+from .transport import (
+    Accepted,
+    Codec,
+    Failed,
+    Health,
+    Outcome,
+    Rejected,
+    Settle,
+    Transform,
+    Transport,
+    TransportContext,
+    TransportType,
+)
+
+hookimpl = pluggy.HookimplMarker("bridge")
+
+__all__ = [
+    "CHAT_EVENT",
+    "NOTIFICATION",
+    "Accepted",
+    "AuthError",
+    "BridgeError",
+    "Codec",
+    "ConfigError",
+    "ContractError",
+    "DecodeError",
+    "DeliveryError",
+    "Failed",
+    "Health",
+    "HopLimitExceeded",
+    "Message",
+    "Outcome",
+    "PluginContext",
+    "Rejected",
+    "ReplayGap",
+    "Secret",
+    "Settle",
+    "Transform",
+    "Transport",
+    "TransportContext",
+    "TransportType",
+    "hookimpl",
+    "setting",
+]

@@ -1,0 +1,105 @@
+"""``bridged``: the command line.
+
+Exit codes: 0 success; 1 the config is not valid (every error printed as file:line: key:
+problem); 2 wrong usage; 3 the daemon failed at run time (a port in use, a plugin that
+failed to start). SIGTERM and SIGINT drain and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
+
+log = logging.getLogger("bridge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bridged", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.add_argument("--log-format", choices=("text", "json"), help="override [log] format")
+    check = sub.add_parser("check", help="check a config file; exit 0 or 1")
+    check.add_argument("-c", "--config", required=True)
+    plugins = sub.add_parser("plugins", help="list installed plugins, enabled ones, their hooks")
+    plugins.add_argument("-c", "--config", help="show what this config enables")
+    plugins.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = globals()[f"cmd_{args.command}"]
+    code: int = handler(args)
+    return code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ConfigError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        print(f"{args.config}: {len(e.errors)} error(s)", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.config}: ok ({len(config.transports)} transports, {len(config.routes)} routes)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .config import load_config
+    from .daemon import run_daemon
+    from .errors import ConfigError
+    from .logs import setup_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        setup_logging()
+        for line in e.errors:
+            log.error("config: %s", line)
+        return EXIT_CONFIG
+    setup_logging(args.log_format or config.log.format, config.log.level)
+    code = EXIT_OK
+    try:
+        trio.run(run_daemon, config)
+    except* Exception:
+        log.exception("bridged stopped on an error")
+        code = EXIT_RUNTIME
+    return code
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ConfigError
+    from .plugins import build_plugin_manager, describe_plugins
+
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            print("\n".join(e.errors), file=sys.stderr)
+            return EXIT_CONFIG
+        pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
+    else:
+        pm = build_plugin_manager()
+    infos = describe_plugins(pm)
+    if args.json:
+        print(json.dumps([vars(i) for i in infos], indent=2))
+        return EXIT_OK
+    for i in infos:
+        state = "enabled" if i.enabled else "disabled"
+        print(f"{i.name} {i.version} ({i.origin}, {state})")
+        for hook in i.hooks:
+            print(f"    {hook}")
+    return EXIT_OK

@@ -1,0 +1,183 @@
+"""Lifecycle: build the daemon from a config, start it in order, drain it on the way out.
+
+Start: plugins' ``bridge_startup`` -> the pipeline -> every transport (each through
+``nursery.start``, so each is really listening or spooling before the next starts) -> the
+pipeline opens -> ``task_status.started``. Stop (SIGTERM, SIGINT): stop accepting -> let
+the pipeline settle what it holds -> let transports drain (flush sockets, close them with
+1001) -> cancel -> plugins' ``bridge_shutdown``; all of it within ``drain_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import Config
+from .errors import ContractError
+from .message import Message
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .plugins import Hooks, PluginContext, Registry, build_plugin_manager
+from .routing import Router
+from .transport import Codec, Health, Settle, Transport
+
+log = logging.getLogger("bridge.daemon")
+
+
+class _Context:
+    """The :class:`bridge.TransportContext` the daemon gives one transport."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self._daemon = daemon
+        self._name = name
+        self._state_dir = daemon.config.daemon.state_dir / name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def state_dir(self) -> Path:
+        return self._state_dir
+
+    @property
+    def hop_limit(self) -> int:
+        return self._daemon.config.daemon.hop_limit
+
+    def codec(self, name_or_content_type: str) -> Codec:
+        return self._daemon.registry.codecs[name_or_content_type]
+
+    async def submit(self, message: Message, settle: Settle) -> None:
+        await self._daemon.pipeline.submit(message, settle)
+
+    async def replay(self, chat_id: str, since: str) -> Sequence[Message]:
+        result = await self._daemon.hooks.replay(chat_id, since)
+        if result is None:
+            raise ContractError("since: no history is kept (history plugin disabled)",
+                                field="since", rule="history")
+        return result
+
+    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+        return await self._daemon.hooks.authenticate(request)
+
+    def count(self, metric: str, amount: float = 1.0, **labels: str) -> None:
+        self._daemon.metrics.count(metric, amount, transport=self._name, **labels)
+
+    def observe(self, metric: str, value: float, **labels: str) -> None:
+        self._daemon.metrics.observe(metric, value, transport=self._name, **labels)
+
+    def gauge(self, metric: str, value: float, **labels: str) -> None:
+        self._daemon.metrics.gauge(metric, value, transport=self._name, **labels)
+
+
+class Daemon:
+    """One running bridge. Tests drive it in-process: ``await nursery.start(daemon.serve)``."""
+
+    def __init__(self, config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
+        self.config = config
+        self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable,
+                                       extra_plugins)
+        self.registry = Registry.collect(self.pm)
+        self.metrics = Metrics()
+        self.hooks = Hooks(self.pm, timer=self.metrics.hook_timer)
+        self.transports: dict[str, Transport] = {
+            name: self.registry.transports[tc.type].create(name, tc.settings)
+            for name, tc in config.transports.items()
+        }
+        self.router = Router(config.routes, self.registry.transforms)
+        self.pipeline = Pipeline(
+            self.hooks,
+            lambda: self.router,
+            self.transports,
+            self.metrics,
+            hop_limit=config.daemon.hop_limit,
+            queue_size=config.daemon.pipeline_queue,
+            batch_max=config.daemon.batch_max,
+        )
+        self._stop = trio.Event()
+        self.stopping = False
+        self.stopped = trio.Event()  # set when serve() has returned
+
+    def health(self) -> dict[str, Health]:
+        return {name: t.health() for name, t in self.transports.items()}
+
+    def request_stop(self) -> None:
+        """Begin the graceful drain (idempotent)."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        state_dir = self.config.daemon.state_dir
+        await trio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+        for name in self.transports:
+            await trio.Path(state_dir / name).mkdir(exist_ok=True)
+        async with trio.open_nursery() as plugin_nursery:
+            contexts = {
+                name: PluginContext(name, self.config.plugins.settings.get(name), state_dir,
+                                    plugin_nursery)
+                for name, _ in self.pm.list_name_plugin()
+            }
+            await self.hooks.startup(contexts)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.pipeline.run)
+                    for name, transport in self.transports.items():
+                        await nursery.start(transport.run, _Context(self, name))
+                        log.info("transport %s started", name)
+                    self.pipeline.open.set()
+                    task_status.started(self)
+                    await self._stop.wait()
+                    await self._drain()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self.hooks.shutdown(contexts)
+                plugin_nursery.cancel_scope.cancel()
+                self.stopped.set()
+
+    async def _drain(self) -> None:
+        self.stopping = True
+        timeout = self.config.daemon.drain_timeout_s
+        log.info("draining (up to %.1f s): %d messages in the pipeline", timeout,
+                 self.pipeline.pending)
+        with trio.move_on_after(timeout) as scope:
+            for transport in self.transports.values():
+                transport.stop_accepting()
+            await self.pipeline.wait_idle()
+            async with trio.open_nursery() as nursery:
+                for transport in self.transports.values():
+                    nursery.start_soon(transport.drain)
+        if scope.cancelled_caught:
+            log.warning("drain did not finish within %.1f s; %d messages unsettled", timeout,
+                        self.pipeline.pending)
+        else:
+            log.info("drained")
+
+
+async def run_daemon(config: Config) -> None:
+    """The process's trio entry point: serve until SIGTERM or SIGINT, then drain. A second
+    signal during the drain stops at once."""
+    daemon = Daemon(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if daemon.stopping:
+                        log.warning("second %s during the drain: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: stopping", name)
+                    daemon.request_stop()
+
+            nursery.start_soon(watch_signals)
+            await nursery.start(daemon.serve)
+            log.info("ready: %s", ", ".join(daemon.transports))
+            await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()

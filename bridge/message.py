@@ -1,0 +1,40 @@
+"""The one message type that travels through the bridge."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: kind of a chat event: body is the SPEC §2 ``update`` shape without ``socket_sequence``.
+CHAT_EVENT = "chat.event"
+#: kind of a notification: body is ``{"userId", "message", "timestamp"}``.
+NOTIFICATION = "notification"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An immutable message. Plugins derive new ones with :meth:`evolve`; they never
+    mutate one in place (the same object may be on its way to several destinations).
+
+    ``id``: unique id; for a chat event this is its ``eventId``, on AMQP the message id.
+    ``kind``: what the body is (:data:`CHAT_EVENT`, :data:`NOTIFICATION`, or a plugin's own).
+    ``body``: the decoded payload, JSON-compatible.
+    ``source``: name of the transport it entered through.
+    ``chat_id``: the conversation it belongs to, when it has one.
+    ``hops``: how many bridges it has crossed (stamped on what is published).
+    ``meta``: transport and plugin attributes (identity, content type, delivery tag...).
+    """
+
+    kind: str
+    body: Mapping[str, Any]
+    source: str
+    id: str = ""
+    chat_id: str | None = None
+    hops: int = 0
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> Message:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,226 @@
+"""The one straight way every message walks.
+
+transport in (decoded by the transport) -> validate inbound -> enrich -> route (select and
+transform) -> validate outbound -> persist -> deliver to destinations -> settle the source.
+
+One pipeline task takes inbound messages from a bounded channel in batches: all messages
+that are waiting (up to ``batch_max``) are validated and enriched one by one, persisted in
+one hook call, and delivered with one call per destination, in arrival order. A failure is
+contained: a batch call that raises is retried one message at a time, so only the message
+that fails is reported failed; the others flow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import ContractError, DecodeError, HopLimitExceeded
+from .message import Message
+from .metrics import Metrics
+from .plugins import Hooks
+from .routing import Leg, Router
+from .transport import Accepted, Failed, Outcome, Rejected, Settle, Transport
+
+log = logging.getLogger("bridge.pipeline")
+
+
+@dataclass(slots=True)
+class Work:
+    """One inbound message on its way through a batch."""
+
+    inbound: Message
+    settle: Settle
+    message: Message | None = None  # after enrichment
+    legs: list[Leg] = field(default_factory=list)
+    outcome: Outcome | None = None
+
+    def fail(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+
+
+def settle_safely(settle: Settle, outcome: Outcome, message_id: str) -> None:
+    try:
+        settle(outcome)
+    except Exception:
+        log.exception("settle callback failed for message %s", message_id)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        hooks: Hooks,
+        router: Callable[[], Router],
+        destinations: Mapping[str, Transport],
+        metrics: Metrics,
+        *,
+        hop_limit: int,
+        queue_size: int,
+        batch_max: int,
+    ) -> None:
+        self._hooks = hooks
+        self._router = router  # a callable: a reload swaps the router between batches
+        self._destinations = destinations
+        self._metrics = metrics
+        self._hop_limit = hop_limit
+        self._batch_max = batch_max
+        self._send, self._receive = trio.open_memory_channel[Work](queue_size)
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.open = trio.Event()  # set by the daemon once every transport has started
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet settled."""
+        return self._pending
+
+    async def submit(self, message: Message, settle: Settle) -> None:
+        if self._pending == 0:
+            self._idle = trio.Event()
+        self._pending += 1
+        try:
+            await self._send.send(Work(message, settle))
+        except BaseException:
+            self._done(1)
+            raise
+
+    def _done(self, n: int) -> None:
+        self._pending -= n
+        if self._pending == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted message has been settled."""
+        await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.open.wait()
+        async with self._receive:
+            while True:
+                batch = [await self._receive.receive()]
+                while len(batch) < self._batch_max:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    await self._process(batch)
+                finally:
+                    self._settle(batch)
+
+    # ------------------------------------------------------------------ stages
+
+    async def _process(self, batch: list[Work]) -> None:
+        router = self._router()
+        for work in batch:
+            await self._prepare(work, router)
+        ready = [w for w in batch if w.outcome is None]
+        await self._persist(ready)
+        await self._deliver([w for w in ready if w.outcome is None])
+
+    async def _prepare(self, work: Work, router: Router) -> None:
+        msg = work.inbound
+        self._metrics.count("messages_in_total", transport=msg.source)
+        try:
+            if msg.hops > self._hop_limit:
+                raise HopLimitExceeded(
+                    f"hop count {msg.hops} is over the limit {self._hop_limit}: a routing loop?")
+            await self._hooks.validate(msg, "inbound")
+            msg = await self._hooks.enrich(msg)
+            work.message = msg
+            legs = router.route(msg)
+            for leg in legs:
+                if leg.message is not msg:
+                    await self._hooks.validate(leg.message, "outbound")
+            work.legs = legs
+        except (ContractError, DecodeError, HopLimitExceeded) as e:
+            self._metrics.count("rejected_total", transport=msg.source, reason=type(e).__name__)
+            log.info("rejected message %s from %s: %s", msg.id or "-", msg.source, e)
+            work.fail(Rejected(e))
+        except Exception as e:
+            self._metrics.count("failed_total", transport=msg.source, stage="prepare")
+            log.exception("plugin failed on message %s from %s", msg.id or "-", msg.source)
+            work.fail(Failed(f"internal error while processing: {type(e).__name__}"))
+
+    async def _persist(self, ready: list[Work]) -> None:
+        if not ready or not self._hooks.has("bridge_persist_messages"):
+            return
+        try:
+            await self._hooks.persist(_unique(m for w in ready for m in _leg_messages(w)))
+            return
+        except Exception:
+            if len(ready) == 1:
+                self._persist_failed(ready[0])
+                return
+        for work in ready:  # isolate the message that fails
+            try:
+                await self._hooks.persist(_unique(_leg_messages(work)))
+            except Exception:
+                self._persist_failed(work)
+
+    def _persist_failed(self, work: Work) -> None:
+        assert work.message is not None
+        log.exception("persist failed for message %s", work.message.id)
+        self._metrics.count("failed_total", transport=work.inbound.source, stage="persist")
+        work.fail(Failed("could not store the message"))
+
+    async def _deliver(self, ready: list[Work]) -> None:
+        per_dest: dict[str, list[tuple[Work, Leg]]] = {}
+        for work in ready:
+            for leg in work.legs:
+                for dest in leg.destinations:
+                    per_dest.setdefault(dest, []).append((work, leg))
+        for dest, items in per_dest.items():
+            transport = self._destinations[dest]
+            try:
+                await transport.deliver([leg.message for _, leg in items])
+            except Exception:
+                if len(items) == 1:
+                    self._deliver_failed(dest, *items[0])
+                    continue
+                for work, leg in items:
+                    try:
+                        await transport.deliver([leg.message])
+                    except Exception:
+                        self._deliver_failed(dest, work, leg)
+                        continue
+                    self._metrics.count("messages_out_total", transport=dest, route=leg.route)
+                continue
+            for _, leg in items:
+                self._metrics.count("messages_out_total", transport=dest, route=leg.route)
+
+    def _deliver_failed(self, dest: str, work: Work, leg: Leg) -> None:
+        log.exception("delivery to %s failed on route %s for message %s", dest, leg.route,
+                      leg.message.id)
+        self._metrics.count("failed_total", transport=dest, stage="deliver")
+        work.fail(Failed(f"delivery to {dest} failed"))
+
+    def _settle(self, batch: Sequence[Work]) -> None:
+        for work in batch:
+            outcome = work.outcome
+            if outcome is None:
+                outcome = Accepted(work.message or work.inbound)
+            settle_safely(work.settle, outcome, (work.message or work.inbound).id)
+        self._done(len(batch))
+
+
+def _leg_messages(work: Work) -> list[Message]:
+    return [leg.message for leg in work.legs]
+
+
+def _unique(messages: Iterable[Message]) -> list[Message]:
+    """Messages in order, each object once (several legs may carry the same one)."""
+    seen: set[int] = set()
+    out = []
+    for m in messages:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+

@@ -1,0 +1,237 @@
+"""Plugin manager: which plugins load, and how the core calls their hooks.
+
+Built-ins are listed in :data:`DEFAULT_PLUGINS`; third-party plugins come from the
+entry-point group ``bridge`` and load only when named in ``[plugins] enable``. Every hook is
+dispatched by :class:`Hooks`, which calls each implementation in pluggy's order and awaits
+whatever is awaitable (the ``await_me_maybe`` pattern), so hook calls stay correct when
+implementations are ``async def``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points, version
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+import trio
+
+from . import hookspecs
+from .errors import ConfigError
+from .message import Message
+from .transport import Codec, Transform, TransportType
+
+log = logging.getLogger("bridge.plugins")
+
+#: Built-in plugins, by module path. Each is loaded unless ``[plugins] disable`` names it.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "bridge_plugins.codecs",
+    "bridge_plugins.memory",
+    "bridge_plugins.websocket",
+    "bridge_plugins.amqp",
+    "bridge_plugins.validation",
+    "bridge_plugins.enrichment",
+    "bridge_plugins.history",
+)
+
+ENTRY_POINT_GROUP = "bridge"
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """``value``, awaited first if it is awaitable."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _plugin_object(module: ModuleType) -> object:
+    """A module may hold its state on an instance: ``Plugin`` is instantiated per manager."""
+    factory = getattr(module, "Plugin", None)
+    return factory() if callable(factory) else module
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    version: str
+    origin: str  # "builtin" or the distribution name
+    enabled: bool
+    hooks: tuple[str, ...] = ()
+
+
+def available_plugins() -> dict[str, str]:
+    """Every plugin that could load: name -> origin ("builtin" or distribution)."""
+    found = {path.rsplit(".", 1)[-1]: "builtin" for path in DEFAULT_PLUGINS}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.dist.name if ep.dist else "unknown")
+    return found
+
+
+def build_plugin_manager(
+    enable: Iterable[str] = (), disable: Iterable[str] = (), extra: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """A new manager with the built-ins (minus ``disable``), the entry-point plugins named in
+    ``enable`` and the ``extra`` plugin objects (tests). Misspelt hooks fail here."""
+    enable, disable = set(enable), set(disable)
+    pm = pluggy.PluginManager("bridge")
+    pm.add_hookspecs(hookspecs)
+    for path in DEFAULT_PLUGINS:
+        name = path.rsplit(".", 1)[-1]
+        if name not in disable:
+            pm.register(_plugin_object(importlib.import_module(path)), name=name)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in enable and ep.name not in disable and pm.get_plugin(ep.name) is None:
+            loaded = ep.load()
+            plugin = _plugin_object(loaded) if isinstance(loaded, ModuleType) else loaded
+            pm.register(plugin, name=ep.name)
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[PluginInfo]:
+    """What is installed, whether it is enabled in ``pm``, its version and its hooks."""
+    own = version("bridged")
+    infos = []
+    for name, origin in sorted(available_plugins().items()):
+        plugin = pm.get_plugin(name) if pm else None
+        hooks: tuple[str, ...] = ()
+        if plugin is not None and pm is not None:
+            hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        ver = own if origin == "builtin" else _dist_version(origin)
+        infos.append(PluginInfo(name, ver, origin, plugin is not None, hooks))
+    return infos
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return version(dist)
+    except Exception:  # an odd distribution must not break the listing
+        return "?"
+
+
+@dataclass
+class Registry:
+    """What the registration hooks registered."""
+
+    transports: dict[str, TransportType] = field(default_factory=dict)
+    codecs: dict[str, Codec] = field(default_factory=dict)
+    transforms: dict[str, Transform] = field(default_factory=dict)
+    settings_classes: dict[str, type[Any]] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        reg = cls()
+        errors: list[str] = []
+
+        def add_transport(tt: TransportType) -> None:
+            if tt.name in reg.transports:
+                errors.append(f"transport type {tt.name!r} registered twice")
+            reg.transports[tt.name] = tt
+
+        def add_codec(codec: Codec) -> None:
+            reg.codecs[codec.name] = codec
+            reg.codecs[codec.content_type] = codec
+
+        def add_transform(name: str, fn: Transform) -> None:
+            if name in reg.transforms:
+                errors.append(f"transform {name!r} registered twice")
+            reg.transforms[name] = fn
+
+        pm.hook.bridge_register_transports(register=add_transport)
+        pm.hook.bridge_register_codecs(register=add_codec)
+        pm.hook.bridge_register_transforms(register=add_transform)
+        for impl in pm.hook.bridge_settings_class.get_hookimpls():
+            settings_class = typing.cast("type[Any] | None", impl.function())
+            if settings_class is not None:
+                reg.settings_classes[impl.plugin_name] = settings_class
+        if errors:
+            raise ConfigError(errors)
+        return reg
+
+
+@dataclass
+class PluginContext:
+    """What ``bridge_startup`` and ``bridge_shutdown`` receive."""
+
+    name: str
+    settings: Any
+    state_dir: Path
+    nursery: trio.Nursery
+
+
+HookTimer = Callable[[str, float], None]
+
+
+class Hooks:
+    """Calls hooks the async-aware way. ``timer(hook_name, seconds)`` observes latency."""
+
+    def __init__(self, pm: pluggy.PluginManager, timer: HookTimer | None = None) -> None:
+        self.pm = pm
+        self._timer = timer
+
+    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+        # pluggy calls implementations last-registered first (tryfirst/trylast respected).
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    async def _call(self, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
+        args = {name: kwargs[name] for name in impl.argnames}
+        if self._timer is None:
+            return await await_me_maybe(impl.function(**args))
+        start = time.perf_counter()
+        try:
+            return await await_me_maybe(impl.function(**args))
+        finally:
+            self._timer(impl.plugin_name, time.perf_counter() - start)
+
+    def has(self, hook: str) -> bool:
+        return bool(self._impls(hook))
+
+    async def validate(self, message: Message, stage: str) -> None:
+        for impl in self._impls("bridge_validate_message"):
+            await self._call(impl, {"message": message, "stage": stage})
+
+    async def enrich(self, message: Message) -> Message:
+        for impl in self._impls("bridge_enrich_message"):
+            result = await self._call(impl, {"message": message})
+            if result is not None:
+                message = result
+        return message
+
+    async def persist(self, messages: Sequence[Message]) -> None:
+        for impl in self._impls("bridge_persist_messages"):
+            await self._call(impl, {"messages": messages})
+
+    async def replay(self, chat_id: str, since: str) -> Sequence[Message] | None:
+        for impl in self._impls("bridge_replay_messages"):
+            result = await self._call(impl, {"chat_id": chat_id, "since": since})
+            if result is not None:
+                return list(result)
+        return None
+
+    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+        for impl in self._impls("bridge_authenticate_handshake"):
+            identity = await self._call(impl, {"request": request})
+            if identity is not None:
+                return identity
+        return None
+
+    async def startup(self, contexts: Mapping[str, PluginContext]) -> None:
+        for impl in self._impls("bridge_startup"):
+            await self._call(impl, {"context": contexts[impl.plugin_name]})
+
+    async def shutdown(self, contexts: Mapping[str, PluginContext]) -> None:
+        for impl in self._impls("bridge_shutdown"):
+            try:
+                await self._call(impl, {"context": contexts[impl.plugin_name]})
+            except Exception:
+                log.exception("plugin %s failed during shutdown", impl.plugin_name)

@@ -1,0 +1,164 @@
+"""What a transport plugin implements and what the core hands it.
+
+A transport is one long-running component (a WebSocket server, a broker connection) that
+feeds messages into the bridge and takes messages out of it. It is registered by a plugin
+through ``bridge_register_transports`` as a :class:`TransportType`, and the core builds one
+instance per ``[transports.<name>]`` table of the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from .errors import BridgeError
+from .message import Message
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The message went through: ``message`` is what was delivered (enriched, with its id)."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The sender's fault (:class:`~bridge.DecodeError`, :class:`~bridge.ContractError`,
+    :class:`~bridge.HopLimitExceeded`): answer the sender, do not retry."""
+
+    error: BridgeError
+
+    @property
+    def reason(self) -> str:
+        return str(self.error)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The bridge's fault (a plugin or destination raised). ``reason`` is safe to show."""
+
+    reason: str
+
+
+Outcome = Accepted | Rejected | Failed
+#: Called once per submitted message with its outcome. Runs on the trio loop; must not block
+#: and must not raise (the core logs and swallows what it raises).
+Settle = Callable[[Outcome], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """``ready`` is true only while the transport is fully serving (connected and consuming);
+    ``detail`` says what is not, in words a person reads on ``/readyz``."""
+
+    ready: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """One wire encoding. ``decode`` raises :class:`~bridge.DecodeError` on bad input."""
+
+    name: str
+    content_type: str
+    binary: bool
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
+
+
+class TransportContext(Protocol):
+    """The core, as a transport sees it."""
+
+    @property
+    def name(self) -> str:
+        """This transport's name in the config."""
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the transport may keep files (spools); created before ``run``."""
+
+    @property
+    def hop_limit(self) -> int:
+        """Largest hop count a message may carry; above it, the core rejects the message."""
+
+    def codec(self, name_or_content_type: str) -> Codec:
+        """The codec registered under that name or content type (KeyError if none)."""
+
+    async def submit(self, message: Message, settle: Settle) -> None:
+        """Hand one inbound message to the pipeline. Waits while the pipeline is full: that
+        wait is the backpressure a transport passes on to its source."""
+
+    async def replay(self, chat_id: str, since: str) -> Sequence[Message]:
+        """Stored chat events of ``chat_id`` after ``since``, oldest first, through the
+        ``bridge_replay_messages`` hook. Raises :class:`~bridge.ReplayGap` when ``since`` is
+        older than what is kept and :class:`~bridge.ContractError` when it is unknown."""
+
+    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+        """The identity the ``bridge_authenticate_handshake`` hooks give for a handshake
+        ``request`` (None when no plugin authenticates)."""
+
+    def count(self, metric: str, amount: float = 1.0, **labels: str) -> None:
+        """Add to a named counter in ``/metrics`` (see docs/operations.md for the names)."""
+
+    def observe(self, metric: str, value: float, **labels: str) -> None:
+        """Record a value (seconds, bytes) in a named histogram."""
+
+    def gauge(self, metric: str, value: float, **labels: str) -> None:
+        """Set a named gauge (open sockets, spool depth)."""
+
+
+class Transport(Protocol):
+    """A running transport. The core calls, in this order: ``run`` (through
+    ``nursery.start``), ``deliver`` any number of times, then at shutdown
+    ``stop_accepting``, then ``drain`` under a deadline, then cancels ``run``."""
+
+    name: str
+
+    async def run(
+        self,
+        ctx: TransportContext,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled. Call ``task_status.started()`` only once the transport can
+        take deliveries (listening, or spool open): readiness is :meth:`health`."""
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        """Take these messages for delivery, in order. Return once each is handed over (queued
+        for its sockets, or durably spooled); raise if it could not be."""
+
+    def stop_accepting(self) -> None:
+        """Stop taking new input (close the listener, cancel the consumer). Idempotent."""
+
+    async def drain(self) -> None:
+        """Deliver what is queued and close peers gracefully. The caller bounds the time."""
+
+    def health(self) -> Health:
+        """Whether the transport is serving right now."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportType:
+    """A kind of transport a plugin offers: ``[transports.X] type = "<name>"``.
+
+    ``settings``: a frozen dataclass; its fields are the keys the config table accepts.
+    ``create(name, settings)``: builds the transport.
+    ``reflects(settings)``: true when what is delivered to this transport can come back in
+    through it (an AMQP exchange bound to the consumed queue); used to refuse route loops.
+    """
+
+    name: str
+    settings: type[Any]
+    create: Callable[[str, Any], Transport]
+    reflects: Callable[[Any], bool] = lambda _settings: False
+
+
+#: A route transform: a pure function from a message to the message to deliver, or None to
+#: drop it on that route.
+Transform = Callable[[Message], Message | None]
+AsyncHook = Callable[..., Awaitable[Any] | Any]

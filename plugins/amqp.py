@@ -1,0 +1,1 @@
+"""Built-in plugin `amqp` (being built; see its issue)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `enrichment` (being built; see its issue)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `history` (being built; see its issue)."""

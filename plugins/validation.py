@@ -1,0 +1,1 @@
+"""Built-in plugin `validation` (being built; see its issue)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `websocket` (being built; see its issue)."""
