@@ -19,7 +19,7 @@ import re
 import tomllib  # Python >= 3.11 is required; tomli would serve below that
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -319,6 +319,7 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
     for name, f in fields.items():
         tp = hints[name]
         raw: Any = table.get(name, _MISSING)
+        secret_failed = False
         if _is_secret(tp):
             for kind in ("file", "env", "credential"):
                 key = f"{name}_{kind}"
@@ -326,17 +327,17 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
                 if key in table:
                     if raw is not _MISSING:
                         errors.add((*path, key), f"give either {name} or {key}, not both")
-                        failed = True
+                        failed = secret_failed = True
                         continue
                     try:
                         raw = _read_secret(kind, table[key])
                     except ValueError as e:
                         errors.add((*path, key), str(e))
-                        failed = True
+                        failed = secret_failed = True
                         raw = _MISSING
         if raw is _MISSING:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if not failed:
+                if not secret_failed:
                     errors.add((*path, name), "is required")
                 failed = True
             continue
@@ -373,9 +374,10 @@ def _close_match(key: str, known: set[str]) -> str | None:
 _CORE_TABLES = {"daemon", "log", "admin", "plugins", "transports", "routes"}
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Config:
     """Read, parse and check ``path`` with a fresh plugin manager built from its
-    ``[plugins]`` table. Raises :class:`ConfigError` listing every problem."""
+    ``[plugins]`` table (plus ``extra_plugins``, objects registered as-is: tests).
+    Raises :class:`ConfigError` listing every problem."""
     from .plugins import Registry, available_plugins, build_plugin_manager
 
     file = Path(path)
@@ -424,7 +426,7 @@ def load_config(path: str | Path) -> Config:
             disable = names
 
     try:
-        pm = build_plugin_manager(enable, disable)
+        pm = build_plugin_manager(enable, disable, extra_plugins)
         registry = Registry.collect(pm)
     except ConfigError as e:
         for problem in e.errors:

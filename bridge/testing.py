@@ -37,8 +37,9 @@ def write_config(directory: Path, text: str, name: str = "bridged.toml") -> Path
 async def run_bridge(config: Config | Path | str, *, extra_plugins: Iterable[object] = ()
                      ) -> AsyncIterator[Daemon]:
     """Run a daemon for the duration of the block; on exit drain it and wait until done."""
+    extra_plugins = list(extra_plugins)
     if isinstance(config, str | Path):
-        config = load_config(config)
+        config = load_config(config, extra_plugins=extra_plugins)
     daemon = Daemon(config, extra_plugins=extra_plugins)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
@@ -50,10 +51,11 @@ async def run_bridge(config: Config | Path | str, *, extra_plugins: Iterable[obj
 
 
 @pytest.fixture
-def bridge_config(tmp_path: Path) -> Callable[[str], Config]:
-    """``bridge_config(toml_text)`` -> a loaded :class:`~bridge.config.Config`."""
+def bridge_config(tmp_path: Path) -> Callable[..., Config]:
+    """``bridge_config(toml_text, extra_plugins=())`` -> a loaded
+    :class:`~bridge.config.Config` (state in ``tmp_path/state``)."""
 
-    def make(text: str) -> Config:
-        return load_config(write_config(tmp_path, text))
+    def make(text: str, extra_plugins: Iterable[object] = ()) -> Config:
+        return load_config(write_config(tmp_path, text), extra_plugins=extra_plugins)
 
     return make

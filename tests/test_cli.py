@@ -1,0 +1,59 @@
+"""The command line as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bridged(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_check_ok_exits_0(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text('[transports.a]\ntype = "memory"\n')
+    result = bridged("check", "-c", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_check_typo_prints_file_line_key_and_exits_1(tmp_path: Path) -> None:
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text('[transports.a]\ntype = "memory"\ncapacty = 5\n')
+    result = bridged("check", "-c", str(cfg))
+    assert result.returncode == 1
+    assert f"{cfg}:3: transports.a.capacty: unknown key (did you mean 'capacity'?)" in result.stderr
+
+
+def test_check_missing_file_exits_1(tmp_path: Path) -> None:
+    result = bridged("check", "-c", str(tmp_path / "nope.toml"))
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    assert bridged("frobnicate").returncode == 2
+
+
+def test_example_config_checks() -> None:
+    result = bridged("check", "-c", str(ROOT / "config.example.toml"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_wheel_has_no_bare_plugins_package(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True,
+                   timeout=300)
+    (wheel,) = tmp_path.glob("bridged-*.whl")
+    tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert "plugins" not in tops
+    assert {"bridge", "bridge_plugins"} <= tops
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bridge_plugins/memory.py" in names
+    assert "bridge/py.typed" in names
