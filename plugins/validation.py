@@ -50,9 +50,10 @@ from bridge.contracts import CHAT, NOTIFICATIONS, load
 
 # RFC 3339 section 5.6 `date-time`, checked strictly: full date, "T", time with seconds,
 # optional fraction, "Z" or a numeric offset with a colon. fromisoformat then rejects
-# impossible dates (2024-02-30) and the leap second 23:59:60, which Python cannot represent.
+# impossible dates and times (2024-02-30, 24:00:00). A leap second (:60) is allowed, as RFC
+# 3339 allows it; it is checked as :59 because Python cannot represent it.
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
 def is_rfc3339(value: object) -> bool:
@@ -60,8 +61,11 @@ def is_rfc3339(value: object) -> bool:
     JSON Schema formats only constrain strings)."""
     if not isinstance(value, str):
         return True
-    if not _RFC3339.fullmatch(value):
+    match = _RFC3339.fullmatch(value)
+    if not match:
         return False
+    if match.group(1) == "60":
+        value = value[:match.start(1)] + "59" + value[match.end(1):]
     try:
         datetime.fromisoformat(value.upper())
     except ValueError:

@@ -118,6 +118,8 @@ def test_notification() -> None:
     ("2024-05-01t08:00:00.123456z", True),
     ("2024-05-01T08:00:00+02:00", True),
     ("2024-05-01T08:00:00.5-11:30", True),
+    ("2016-12-31T23:59:60Z", True),  # a leap second
+    ("2016-12-31T23:59:61Z", False),
     ("2024-05-01", False),  # a date alone
     ("2024-05-01T08:00:00", False),  # no offset
     ("2024-05-01 08:00:00Z", False),  # RFC 3339's ABNF wants the T
