@@ -151,6 +151,7 @@ class _Transaction:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
         self.cur = conn.cursor()
 
     def __enter__(self) -> sqlite3.Cursor:
@@ -158,7 +159,12 @@ class _Transaction:
         return self.cur
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.cur.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            if exc_type is None:
+                self.cur.execute("COMMIT")
+        finally:  # a failed statement or COMMIT must not leave the transaction open
+            if self.conn.in_transaction:
+                self.conn.rollback()
 
 
 def _event_row(message: Message) -> tuple[str, str, str]:
