@@ -96,8 +96,9 @@ class _Schema:
                  ) -> ContractError:
         errors = list(self._explainer.iter_errors(body))
         if not errors:  # the two validators disagree: still reject, with what we know
-            field = (fast_error.name or "").removeprefix("data").lstrip(".")
-            return _contract_error(field, fast_error.rule or "schema", fast_error.message)
+            name = re.sub(r"\[(\d+)\]", r".\1", fast_error.name or "")  # data.message[0]
+            field = name.removeprefix("data").lstrip(".")
+            return _contract_error(field, fast_error.rule or "schema", fast_error.message[:80])
         return _describe(max(errors, key=relevance))
 
 

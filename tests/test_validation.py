@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
 
 from bridge import CHAT_EVENT, NOTIFICATION, Accepted, ContractError, Message, Rejected
 from bridge.testing import run_bridge, write_config
-from bridge_plugins.validation import Plugin, ValidationSettings, check, is_rfc3339
+from bridge_plugins.validation import (
+    Plugin,
+    ValidationSettings,
+    chat_schema,
+    check,
+    is_rfc3339,
+)
 
 ITEM: dict[str, Any] = {"type": "message", "text": "Hello"}
 EVENT: dict[str, Any] = {
@@ -186,3 +193,17 @@ async def test_daemon_settings_select_kinds(tmp_path: Any) -> None:
         outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
             {"type": "update", "message": []}, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
+
+
+def test_rejects_even_when_the_explainer_finds_nothing() -> None:
+    # fastjsonschema decides; jsonschema only explains. Should they ever disagree, the
+    # message is still rejected, with the compiled validator's field and rule.
+    schema = chat_schema("event")
+    explainer = schema._explainer
+    schema._explainer = jsonschema.Draft7Validator({})  # finds nothing wrong
+    try:
+        with pytest.raises(ContractError) as info:
+            schema.check({**EVENT, "message": [{"type": "note", "text": "x"}]})
+    finally:
+        schema._explainer = explainer
+    assert (info.value.field, info.value.rule) == ("message.0.type", "enum")
