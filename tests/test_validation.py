@@ -183,7 +183,7 @@ async def test_daemon_rejects_with_the_field(tmp_path: Any) -> None:
             {"type": "update", "message": [ITEM]}, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
         delivered = daemon.transports["out"].received.receive_nowait()  # type: ignore[attr-defined]
-        assert delivered.body["message"] == [ITEM]
+        assert delivered.body["message"][0]["text"] == ITEM["text"]
 
 
 async def test_daemon_settings_select_kinds(tmp_path: Any) -> None:
@@ -191,7 +191,7 @@ async def test_daemon_settings_select_kinds(tmp_path: Any) -> None:
                             '[plugins.validation]\nkinds = ["notification"]\n[transports.client]')
     async with run_bridge(write_config(tmp_path, config)) as daemon:
         outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
-            {"type": "update", "message": []}, chat_id="c1")
+            {"type": "update", "message": [ITEM], "extra": 1}, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
 
 
