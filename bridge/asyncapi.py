@@ -8,7 +8,7 @@ What the document holds, per configured transport:
   operation (client frames);
 * ``type = "amqp"``: a server (credentials never shown), the consumed queue with a
   ``receive`` operation, the dead-letter queue with a ``send`` operation, and, when a route
-  delivers to it, the topic exchange with a ``send`` operation and its routing key.
+  delivers to it, the exchange with a ``send`` operation and its routing key.
 
 Message schemas come from the contracts in ``bridge/contracts`` (see docs/contracts.md);
 the routes are listed under ``info.x-bridged-routes``. Transport settings are read by name
@@ -31,6 +31,8 @@ from .contracts import CHAT, NOTIFICATIONS, load
 AMQP_BINDING = "0.3.0"
 WS_BINDING = "0.1.0"
 CHAT_ADDRESS = "/v1/chats/{chat_id}"
+#: the component message describing what an AMQP transport consumes, by ``consume_kind``
+CONSUMED_MESSAGES = {"notification": "notification", "chat.event": "chat_event"}
 
 
 def _ref(*parts: str) -> dict[str, str]:
@@ -62,6 +64,11 @@ def _components() -> dict[str, Any]:
                        " accepted when the content type says application/msgpack.",
             "contentType": "application/json",
             "payload": _ref("components", "schemas", "notification"),
+        },
+        "any_message": {
+            "name": "any_message",
+            "summary": "A message of a kind no contract describes (a plugin's own).",
+            "payload": {},
         },
         "dead_notification": {
             "name": "dead_notification",
@@ -125,7 +132,9 @@ def _amqp(name: str, settings: Any, publishes: bool, doc: dict[str, Any]) -> Non
     vhost = unquote(url.path[1:]) or "/"
     queue = getattr(settings, "consume_queue", "notifications")
     dead = getattr(settings, "dead_letter_queue", "notifications.dead")
+    consume_kind = getattr(settings, "consume_kind", "notification")
     exchange = getattr(settings, "exchange", "chat")
+    exchange_type = getattr(settings, "exchange_type", "topic")
     routing_key = getattr(settings, "routing_key", "chat.{chat_id}")
     server = _id(name)
     doc["servers"][server] = {
@@ -147,13 +156,15 @@ def _amqp(name: str, settings: Any, publishes: bool, doc: dict[str, Any]) -> Non
         }
         return channel
 
-    consumed = queue_channel(queue, "notification", "Durable queue of notifications"
-                             " (declared if absent), consumed with manual acknowledgements.")
+    consumed_message = CONSUMED_MESSAGES.get(consume_kind, "any_message")
+    consumed = queue_channel(queue, consumed_message, f"Durable queue of {consume_kind!r}"
+                             " messages (declared if absent), consumed with manual"
+                             " acknowledgements.")
     doc["operations"][_id(name, "receiveNotification")] = {
         "action": "receive",
         "channel": _ref("channels", consumed),
-        "summary": "Consume notifications; ack once handled (persisted and handed on)",
-        "messages": [_ref("channels", consumed, "messages", "notification")],
+        "summary": "Consume messages; ack once handled (persisted and handed on)",
+        "messages": [_ref("channels", consumed, "messages", consumed_message)],
         "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}},
     }
     dead_channel = queue_channel(dead, "dead_notification", "Durable queue of the"
@@ -171,11 +182,11 @@ def _amqp(name: str, settings: Any, publishes: bool, doc: dict[str, Any]) -> Non
     channel = _id(name, exchange)
     doc["channels"][channel] = {
         "address": exchange,
-        "description": f"Durable topic exchange; routing key {routing_key!r}.",
+        "description": f"Durable {exchange_type} exchange; routing key {routing_key!r}.",
         "servers": [_ref("servers", server)],
         "messages": {"chat_event": _ref("components", "messages", "chat_event")},
         "bindings": {"amqp": {"is": "routingKey", "bindingVersion": AMQP_BINDING, "exchange": {
-            "name": exchange, "type": "topic", "durable": True, "autoDelete": False,
+            "name": exchange, "type": exchange_type, "durable": True, "autoDelete": False,
             "vhost": vhost}}},
     }
     doc["operations"][_id(name, "publishChatEvent")] = {

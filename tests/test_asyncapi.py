@@ -66,6 +66,8 @@ class AmqpSettings:
     dead_letter_queue: str = "notifications.dead"
     exchange: str = "chat"
     routing_key: str = "chat.{chat_id}"
+    consume_kind: str = "notification"
+    exchange_type: str = "topic"
 
 
 def example_config(tmp_path: Path, *, tls: bool = False) -> Config:
