@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, enabled ones, their hooks")
     plugins.add_argument("-c", "--config", help="show what this config enables")
     plugins.add_argument("--json", action="store_true")
+    asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the topology")
+    asyncapi.add_argument("-c", "--config", required=True)
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return p
 
 
@@ -102,4 +105,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{i.name} {i.version} ({i.origin}, {state})")
         for hook in i.hooks:
             print(f"    {hook}")
+    return EXIT_OK
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from .asyncapi import build_document, render
+    from .config import load_config
+    from .errors import ConfigError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(render(build_document(config), args.format))
     return EXIT_OK

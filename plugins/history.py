@@ -1,1 +1,267 @@
-"""Built-in plugin `history` (being built; see its issue)."""
+"""Built-in plugin ``history``: chat events kept in SQLite, replayed behind ``since=<eventId>``.
+
+The database is ``<state_dir>/history.sqlite3`` in WAL mode. One connection is used from one
+worker thread at a time (``trio.to_thread.run_sync`` with a limiter of 1), so the trio loop
+never blocks on the disk. ``bridge_persist_messages`` stores a whole batch in one transaction
+and returns only after the commit: durable against a crash of the process with
+``synchronous = "normal"``, against a power loss with ``"full"`` (the default).
+
+Retention, per chat: the newest ``retention_count`` events (pruned on every write) and events
+stored less than ``retention_age_s`` ago (pruned by a background task every
+``prune_interval_s`` and at start-up). Pruning always removes a chat's oldest events, so
+what is gone is exactly the events with ids up to the chat's *low-water mark*: the greatest
+pruned id, kept in the ``chats`` table.
+
+Replay rule (``bridge_replay_messages(chat_id, since)``), see docs/history.md:
+
+* ``since`` is not 20 decimal digits: :class:`bridge.ContractError` (``field="since"``);
+* some event after ``since`` was pruned (``since`` < the chat's low-water mark):
+  :class:`bridge.ReplayGap`;
+* otherwise every kept event with an id greater than ``since``, oldest first (an empty list
+  for an unknown chat; ``since`` need not be an id that was ever stored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from bridge import (
+    CHAT_EVENT,
+    ContractError,
+    Message,
+    PluginContext,
+    ReplayGap,
+    hookimpl,
+    setting,
+)
+
+log = logging.getLogger("bridge.history")
+
+T = TypeVar("T")
+
+EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
+DB_NAME = "history.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    chat_id   TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (chat_id, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
+CREATE TABLE IF NOT EXISTS chats (
+    chat_id        TEXT PRIMARY KEY,
+    pruned_through TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    retention_count: int = setting(1000, check=_positive, doc="events kept per chat, newest")
+    retention_age_s: float = setting(7 * 24 * 3600.0, check=_positive,
+                                     doc="events older than this (since stored) are pruned")
+    prune_interval_s: float = setting(60.0, check=_positive,
+                                      doc="how often the age pruning runs")
+    synchronous: Literal["normal", "full"] = setting(
+        "full", doc="normal: durable across a process crash; full: across a power loss too")
+
+
+class HistoryStore:
+    """The SQLite side, synchronous: every method runs in the worker thread."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self.conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def store(self, rows: Sequence[tuple[str, str, str]], now: float, keep: int) -> None:
+        """Insert ``(chat_id, event_id, body_json)`` rows in one transaction, then prune the
+        touched chats down to ``keep`` events. Already stored ids are left as they are."""
+        with self._transaction() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO events (chat_id, event_id, body, stored_at)"
+                " VALUES (?, ?, ?, ?)", [(c, e, b, now) for c, e, b in rows])
+            for chat_id in dict.fromkeys(c for c, _, _ in rows):
+                row = cur.execute(
+                    "SELECT event_id FROM events WHERE chat_id = ?"
+                    " ORDER BY event_id DESC LIMIT 1 OFFSET ?", (chat_id, keep)).fetchone()
+                if row is not None:
+                    self._prune_through(cur, chat_id, row[0])
+
+    def prune_older_than(self, cutoff: float) -> int:
+        """Prune, in every chat, the events stored before ``cutoff`` (and any older id)."""
+        with self._transaction() as cur:
+            marks = cur.execute(
+                "SELECT chat_id, MAX(event_id) FROM events WHERE stored_at < ?"
+                " GROUP BY chat_id", (cutoff,)).fetchall()
+            return sum(self._prune_through(cur, chat_id, mark) for chat_id, mark in marks)
+
+    @staticmethod
+    def _prune_through(cur: sqlite3.Cursor, chat_id: str, event_id: str) -> int:
+        deleted = cur.execute("DELETE FROM events WHERE chat_id = ? AND event_id <= ?",
+                              (chat_id, event_id)).rowcount
+        cur.execute(
+            "INSERT INTO chats (chat_id, pruned_through) VALUES (?, ?) ON CONFLICT (chat_id)"
+            " DO UPDATE SET pruned_through = MAX(pruned_through, excluded.pruned_through)",
+            (chat_id, event_id))
+        return int(deleted)
+
+    def replay(self, chat_id: str, since: str) -> list[tuple[str, str]] | None:
+        """``(event_id, body_json)`` after ``since``, oldest first; None for a gap."""
+        cur = self.conn.cursor()
+        try:
+            cur.execute("BEGIN")  # one snapshot for the mark and the events
+            mark = cur.execute("SELECT pruned_through FROM chats WHERE chat_id = ?",
+                               (chat_id,)).fetchone()
+            if mark is not None and since < mark[0]:
+                return None
+            return cur.execute(
+                "SELECT event_id, body FROM events WHERE chat_id = ? AND event_id > ?"
+                " ORDER BY event_id", (chat_id, since)).fetchall()
+        finally:
+            cur.execute("COMMIT")
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.conn)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.cur = conn.cursor()
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self.cur.execute("BEGIN IMMEDIATE")
+        return self.cur
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.cur.execute("COMMIT")
+        finally:  # a failed statement or COMMIT must not leave the transaction open
+            if self.conn.in_transaction:
+                self.conn.rollback()
+
+
+def _event_row(message: Message) -> tuple[str, str, str]:
+    event_id = message.id or str(message.body.get("eventId", ""))
+    if not message.chat_id or not EVENT_ID.fullmatch(event_id):
+        raise ValueError(f"history: chat event {event_id or '-'} on chat "
+                         f"{message.chat_id or '-'} has no chat id or no valid eventId")
+    return message.chat_id, event_id, json.dumps(message.body, separators=(",", ":"),
+                                                 default=_jsonable)
+
+
+def _jsonable(value: object) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class Plugin:
+    """The history of one daemon."""
+
+    def __init__(self) -> None:
+        self.settings = HistorySettings()
+        self.store: HistoryStore | None = None
+        self._limiter = trio.CapacityLimiter(1)  # one thread at a time on the connection
+        #: the wall clock, replaceable in tests
+        self.clock: Callable[[], float] = time.time
+
+    async def _run(self, fn: Callable[[HistoryStore], T]) -> T:
+        """``fn(store)`` in the worker thread; the trio loop waits without blocking."""
+        return await trio.to_thread.run_sync(self._call, fn, limiter=self._limiter)
+
+    def _call(self, fn: Callable[[HistoryStore], T]) -> T:
+        if self.store is None:
+            raise RuntimeError("history: the store is not open (not started, or shut down)")
+        return fn(self.store)
+
+    def _close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @hookimpl
+    def bridge_settings_class(self) -> type[HistorySettings]:
+        return HistorySettings
+
+    @hookimpl
+    async def bridge_startup(self, context: PluginContext) -> None:
+        if context.settings is not None:
+            self.settings = context.settings
+        path = context.state_dir / DB_NAME
+        self.store = await trio.to_thread.run_sync(
+            HistoryStore, path, self.settings.synchronous, limiter=self._limiter)
+        log.info("history in %s (keep %d events per chat, %.0f s)", path,
+                 self.settings.retention_count, self.settings.retention_age_s)
+        await self.prune()
+        context.nursery.start_soon(self._prune_forever)
+
+    @hookimpl
+    async def bridge_shutdown(self, context: PluginContext) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        rows = [_event_row(m) for m in messages if m.kind == CHAT_EVENT]
+        if rows:
+            now, keep = self.clock(), self.settings.retention_count
+            await self._run(lambda store: store.store(rows, now, keep))
+
+    @hookimpl
+    async def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        if not EVENT_ID.fullmatch(since):
+            raise ContractError("since: must be an eventId of 20 decimal digits (rule: pattern)",
+                                field="since", rule="pattern")
+        rows = await self._run(lambda store: store.replay(chat_id, since))
+        if rows is None:
+            raise ReplayGap(f"chat {chat_id}: events after {since} are no longer kept;"
+                            " reconnect without since to start from the present")
+        return [Message(CHAT_EVENT, json.loads(body), "history", event_id, chat_id)
+                for event_id, body in rows]
+
+    async def prune(self) -> int:
+        """Remove the events older than ``retention_age_s``; how many were removed."""
+        cutoff = self.clock() - self.settings.retention_age_s
+        removed = await self._run(lambda store: store.prune_older_than(cutoff))
+        if removed:
+            log.info("history: pruned %d events older than %.0f s", removed,
+                     self.settings.retention_age_s)
+        return removed
+
+    async def _prune_forever(self) -> None:
+        while self.store is not None:
+            await trio.sleep(self.settings.prune_interval_s)
+            if self.store is None:
+                return
+            try:
+                await self.prune()
+            except Exception:  # keep pruning later; a failed round loses nothing
+                log.exception("history: pruning failed")
