@@ -11,7 +11,8 @@ resources and nothing else:
   prometheus_client.
 
 Bounded, so that a scraper gone wrong cannot hurt the daemon: request line and headers
-at most :data:`MAX_REQUEST_BYTES` (431 above), a request body at most as much (413), at most
+about :data:`MAX_REQUEST_BYTES` (h11 refuses an incomplete head past that: 431), a request
+body at most as much (413), at most
 :data:`MAX_CONNECTIONS` connections at once (more get 503 and are closed), every request
 within :data:`REQUEST_TIMEOUT_S` of the previous one or of the connection (then closed),
 at most :data:`MAX_REQUESTS_PER_CONNECTION` per keep-alive connection.
@@ -36,6 +37,8 @@ MAX_REQUEST_BYTES = 8192
 MAX_CONNECTIONS = 32
 REQUEST_TIMEOUT_S = 10.0
 MAX_REQUESTS_PER_CONNECTION = 100
+LINGER_S = 1.0  # after an error answer, how long we read and drop what the client still sends
+LINGER_BYTES = 65536
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE = "application/json"
 
@@ -102,6 +105,9 @@ class AdminServer:
         self._readiness = readiness
         self._metrics = metrics
         self._active = 0
+        # The bounds (module constants; tests shrink them on an instance).
+        self.max_connections = MAX_CONNECTIONS
+        self.request_timeout_s = REQUEST_TIMEOUT_S
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -119,7 +125,7 @@ class AdminServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            if self._active >= MAX_CONNECTIONS:
+            if self._active >= self.max_connections:
                 with trio.move_on_after(1):
                     await stream.send_all(_BUSY)
                 return
@@ -133,12 +139,12 @@ class AdminServer:
         except Exception:
             log.exception("admin connection failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            await _close(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
-            with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
+            with trio.move_on_after(self.request_timeout_s) as scope:
                 try:
                     request = await _read_request(conn, stream)
                 except h11.RemoteProtocolError as e:
@@ -209,6 +215,25 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Respo
         data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
     data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
     await stream.send_all(data)
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    """Close the way HTTP servers do: end our side, then read and drop what the client
+    still sends (briefly, boundedly), so that an answer sent before the client finished its
+    request (413, 431, 503) is not destroyed by a reset."""
+    try:
+        with trio.move_on_after(LINGER_S):
+            await stream.send_eof()
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                chunk = await stream.receive_some(MAX_REQUEST_BYTES)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 def _json(value: Any) -> bytes:

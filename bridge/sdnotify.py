@@ -75,13 +75,7 @@ class Notifier:
         payload = "\n".join(lines).encode()
         try:
             if self._sock is None:
-                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                try:
-                    await sock.connect(socket_address(self._address))
-                except BaseException:
-                    sock.close()
-                    raise
-                self._sock = sock
+                self._sock = self._connect(self._address)
             await self._sock.send(payload)
         except OSError as e:
             if not self._warned:
@@ -122,6 +116,19 @@ class Notifier:
         while True:
             await self.notify("WATCHDOG=1")
             await trio.sleep(interval)
+
+    @staticmethod
+    def _connect(address: str) -> trio.socket.SocketType:
+        # Connected without a checkpoint, so that two tasks never race to connect; a unix
+        # datagram connect does not block.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(socket_address(address))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.socket.from_stdlib_socket(sock)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -80,6 +80,11 @@ class Service:
 
     # ------------------------------------------------------------------ control
 
+    @property
+    def pending_reloads(self) -> int:
+        """Reloads requested and not started yet (0 or 1)."""
+        return self._reload_send.statistics().current_buffer_used
+
     def request_reload(self) -> None:
         """Queue a reload; one already queued absorbs this one."""
         try:
