@@ -4,6 +4,7 @@ and the real daemon as a subprocess."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -92,6 +93,10 @@ class NotifySocket:
             seen.append(fields)
             if fields.get(key) == value:
                 return seen
+
+    def pending(self) -> bool:
+        """Whether a datagram is waiting (without waiting for one)."""
+        return bool(select.select([self.sock.fileno()], [], [], 0)[0])
 
     def close(self) -> None:
         self.sock.close()
