@@ -128,7 +128,7 @@ async def read_response(conn: h11.Connection, stream: trio.abc.Stream
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Response):
             status = event.status_code
             headers = {k.decode(): v.decode() for k, v in event.headers}

@@ -181,7 +181,7 @@ async def test_reload_requests_coalesce(tmp_path: Path) -> None:
                 two_done.set()
             return result
 
-        service.reload = counted  # type: ignore[method-assign]
+        service.reload = counted  # type: ignore[method-assign]  # count what the reloader runs
         for _ in range(5):
             service.request_reload()  # one starts, one waits, three merge into it
         with trio.fail_after(5):

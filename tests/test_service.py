@@ -111,8 +111,9 @@ to = ["sink"]
     assert drain_took < 10
     messages = [json.loads(line)["msg"] for line in bridged.log_lines()]
     draining = next(m for m in messages if m.startswith("draining"))
-    in_flight = int(re.search(r"(\d+) messages in the pipeline", draining).group(1))  # type: ignore[union-attr]
-    assert in_flight > 0  # the signal did arrive with messages in flight
+    in_flight = re.search(r"(\d+) messages in the pipeline", draining)
+    assert in_flight is not None
+    assert int(in_flight.group(1)) > 0  # the signal did arrive with messages in flight
     assert "drained" in messages
 
 
