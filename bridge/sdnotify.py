@@ -11,8 +11,9 @@ loop) stops the pings and systemd restarts the service after ``WatchdogSec=``. A
 ``sd_watchdog_enabled(3)``, the watchdog is ours only when ``$WATCHDOG_PID`` is unset or
 equals our own pid (a child that inherited the environment must not ping for its parent).
 
-A notification that cannot be sent is logged once and dropped: losing a status line must
-never stop the daemon.
+A notification that cannot be sent (no socket, or nobody reading it for
+:data:`SEND_TIMEOUT_S`) is dropped with one warning: losing a status line must never stop
+the daemon.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from collections.abc import Mapping
 import trio
 
 log = logging.getLogger("bridge.sdnotify")
+
+#: A notification waits at most this long for room in the socket's queue, then is dropped:
+#: a manager that does not read must not stall the daemon (its stop path included).
+SEND_TIMEOUT_S = 1.0
 
 
 def socket_address(name: str) -> str | bytes:
@@ -76,13 +81,19 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = self._connect(self._address)
-            await self._sock.send(payload)
+            with trio.move_on_after(SEND_TIMEOUT_S) as scope:
+                await self._sock.send(payload)
+            if scope.cancelled_caught:
+                self._warn(f"nobody reads {self._address}; dropped {lines[0]}")
         except OSError as e:
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot notify systemd at %s: %s", self._address,
-                            e.strerror or errno.errorcode.get(e.errno or 0, str(e)))
+            self._warn(f"cannot notify systemd at {self._address}: "
+                       f"{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}")
             self.close()
+
+    def _warn(self, problem: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s (further notify problems are not logged)", problem)
 
     async def ready(self, status: str = "") -> None:
         await self.notify("READY=1", *self._status_line(status))
