@@ -143,7 +143,7 @@ class AdminServer:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+        for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
             with trio.move_on_after(self.request_timeout_s) as scope:
                 try:
                     request = await _read_request(conn, stream)
@@ -160,7 +160,8 @@ class AdminServer:
                 if request is None:
                     return
                 response = self._respond(request)
-                await _send(conn, stream, response, head=request.method == b"HEAD")
+                await _send(conn, stream, response, head=request.method == b"HEAD",
+                            close=served == MAX_REQUESTS_PER_CONNECTION)
             if scope.cancelled_caught:
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -204,11 +205,11 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
 
 
 async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Response, *,
-                head: bool) -> None:
+                head: bool, close: bool = False) -> None:
     status, content_type, body = response
     headers = [("content-type", content_type), ("content-length", str(len(body))),
                ("cache-control", "no-store")]
-    if status >= 400 and status not in (404, 405, 503):
+    if close or (status >= 400 and status not in (404, 405, 503)):
         headers.append(("connection", "close"))
     data = conn.send(h11.Response(status_code=status, headers=headers))
     if not head:

@@ -14,7 +14,7 @@ import trio.testing
 from ops_support import http, read_response, running_service, use_opsplug
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.admin import MAX_REQUEST_BYTES, readiness
+from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
 from bridge.config import Config, load_config
 from bridge.service import Service
 from bridge.testing import write_config
@@ -154,18 +154,24 @@ async def test_unknown_paths_methods_and_head(config: Config) -> None:
         assert status == 200
 
 
-async def test_keep_alive_serves_several_requests_on_one_connection(config: Config) -> None:
+async def test_keep_alive_serves_requests_until_the_cap_then_says_close(
+        config: Config) -> None:
     async with running_service(config) as service:
         stream = await trio.open_tcp_stream("127.0.0.1", admin_port(service))
         async with stream:
             conn = h11.Connection(h11.CLIENT)
-            for path in ("/healthz", "/readyz", "/metrics"):
+            paths = ["/healthz", "/readyz", "/metrics"] * MAX_REQUESTS_PER_CONNECTION
+            for n, path in enumerate(paths[:MAX_REQUESTS_PER_CONNECTION], start=1):
                 request = h11.Request(method="GET", target=path, headers=[("host", "x")])
                 await stream.send_all(conn.send(request) or b"")
                 await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-                status, _, _ = await read_response(conn, stream)
+                status, headers, _ = await read_response(conn, stream)
                 assert status == 200
-                conn.start_next_cycle()
+                if n < MAX_REQUESTS_PER_CONNECTION:
+                    assert "connection" not in headers
+                    conn.start_next_cycle()
+            assert headers["connection"] == "close"  # the last one says so
+            assert await stream.receive_some(100) == b""
 
 
 async def _raw(port: int, data: bytes) -> bytes:
