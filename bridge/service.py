@@ -95,6 +95,9 @@ class Service:
     async def reload(self) -> ReloadResult:
         """Reload now (waits for a reload in progress first)."""
         async with self._reload_lock:
+            if self.stop_requested:  # READY=1 after STOPPING=1 would confuse systemd
+                log.warning("reload ignored: the daemon is draining")
+                return ReloadResult(False, ["the daemon is draining"])
             announce = self.ready.is_set()
             if announce:
                 await self.notifier.reloading()
@@ -104,9 +107,9 @@ class Service:
                 self._note = "" if not result.needs_restart else (
                     f"{len(result.needs_restart)} change(s) need a restart")
             else:
-                self._note = (f"last reload refused at {time.strftime('%H:%M:%S')}: "
-                              f"{len(result.errors)} error(s), see the journal; running the "
-                              "previous config")
+                at = time.strftime("%H:%M:%SZ", time.gmtime())
+                self._note = (f"last reload refused at {at}: {len(result.errors)} error(s), "
+                              "see the journal; running the previous config")
             if announce:
                 await self.notifier.ready(self.status())
             return result

@@ -190,6 +190,16 @@ async def test_reload_requests_coalesce(tmp_path: Path) -> None:
         assert done == [True, True]
 
 
+async def test_no_reload_during_the_drain(tmp_path: Path) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        await service.stop()
+        write_config(tmp_path, TO_C)
+        result = await service.reload()
+        assert (result.ok, result.errors) == (False, ["the daemon is draining"])
+        assert [r.name for r in service.daemon.config.routes] == ["to-b"]
+
+
 def test_changed_fields_names_fields_never_values() -> None:
     @dataclass(frozen=True)
     class S:
