@@ -10,7 +10,6 @@ the pipeline settle what it holds -> let transports drain (flush sockets, close 
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +98,7 @@ class Daemon:
             queue_size=config.daemon.pipeline_queue,
             batch_max=config.daemon.batch_max,
         )
+        self.plugin_contexts: dict[str, PluginContext] = {}  # set by serve(); a reload updates
         self._stop = trio.Event()
         self.stopping = False
         self.stopped = trio.Event()  # set when serve() has returned
@@ -122,6 +122,7 @@ class Daemon:
                                     plugin_nursery)
                 for name, _ in self.pm.list_name_plugin()
             }
+            self.plugin_contexts = contexts
             await self.hooks.startup(contexts)
             try:
                 async with trio.open_nursery() as nursery:
@@ -159,25 +160,11 @@ class Daemon:
             log.info("drained")
 
 
-async def run_daemon(config: Config) -> None:
-    """The process's trio entry point: serve until SIGTERM or SIGINT, then drain. A second
-    signal during the drain stops at once."""
-    daemon = Daemon(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+async def run_daemon(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
+    """The process's trio entry point, run as a service (see :mod:`bridge.service`): admin
+    listener, sd_notify READY/RELOADING/STOPPING/STATUS and watchdog, SIGHUP reloads the
+    config, SIGTERM or SIGINT drains and returns; a second signal during the drain stops at
+    once."""
+    from .service import run_service
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if daemon.stopping:
-                        log.warning("second %s during the drain: stopping now", name)
-                        nursery.cancel_scope.cancel()
-                        return
-                    log.info("%s: stopping", name)
-                    daemon.request_stop()
-
-            nursery.start_soon(watch_signals)
-            await nursery.start(daemon.serve)
-            log.info("ready: %s", ", ".join(daemon.transports))
-            await daemon.stopped.wait()
-            nursery.cancel_scope.cancel()
+    await run_service(config, extra_plugins=extra_plugins)

@@ -55,6 +55,15 @@ def bridge_startup(context: PluginContext) -> None:
 
 
 @hookspec
+def bridge_reconfigure(context: PluginContext, previous: Any) -> bool | None:
+    """Called on a reload (SIGHUP) when this plugin's ``[plugins.<name>]`` settings changed;
+    only the implementation of the plugin concerned is called. ``context.settings`` already
+    holds the new settings, ``previous`` the old ones. Return True once the new settings are
+    in effect; False or None keeps the old ones (put back in ``context.settings``) and the
+    daemon logs that a restart is needed to apply them."""
+
+
+@hookspec
 def bridge_shutdown(context: PluginContext) -> None:
     """Called once after every transport has drained. Release resources here. Exceptions
     are logged and do not stop the other plugins' shutdown."""

@@ -12,10 +12,15 @@ import sys
 import time
 from typing import Any
 
-_STANDARD = set(vars(logging.makeLogRecord({})))
+# Attributes every record has (or gets from other formatters): not repeated as extra fields.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines inside values are escaped):
+    ``ts`` (epoch seconds), ``level``, ``logger``, ``msg``, any ``extra=`` fields, and
+    ``exc`` with the traceback."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),

@@ -229,6 +229,14 @@ class Hooks:
         for impl in self._impls("bridge_startup"):
             await self._call(impl, {"context": contexts[impl.plugin_name]})
 
+    async def reconfigure(self, plugin: str, context: PluginContext, previous: Any
+                          ) -> bool | None:
+        """``plugin``'s own ``bridge_reconfigure`` (None when it has none)."""
+        for impl in self._impls("bridge_reconfigure"):
+            if impl.plugin_name == plugin:
+                return bool(await self._call(impl, {"context": context, "previous": previous}))
+        return None
+
     async def shutdown(self, contexts: Mapping[str, PluginContext]) -> None:
         for impl in self._impls("bridge_shutdown"):
             try:

@@ -115,7 +115,13 @@ class TransportContext(Protocol):
 class Transport(Protocol):
     """A running transport. The core calls, in this order: ``run`` (through
     ``nursery.start``), ``deliver`` any number of times, then at shutdown
-    ``stop_accepting``, then ``drain`` under a deadline, then cancels ``run``."""
+    ``stop_accepting``, then ``drain`` under a deadline, then cancels ``run``.
+
+    Optional: ``reconfigure(settings) -> bool`` (plain or ``async``). On a reload (SIGHUP)
+    whose ``[transports.<name>]`` table changed, the core calls it with the new settings
+    object; return True once they are in effect (keep live connections), False to keep the
+    old ones until a restart (the core logs which fields wait). Without it, any settings
+    change waits for a restart."""
 
     name: str
 

@@ -84,6 +84,14 @@ class MemoryTransport:
                 except trio.WouldBlock:
                     raise DeliveryError(f"{self.name}: loopback buffer full") from None
 
+    def reconfigure(self, settings: MemorySettings) -> bool:
+        """Reload: ``reflect`` applies live; ``capacity`` sizes channels made at start, so
+        changing it needs a restart (returns False)."""
+        if settings.capacity != self.settings.capacity:
+            return False
+        self.settings = settings
+        return True
+
     def stop_accepting(self) -> None:
         self.accepting = False
 

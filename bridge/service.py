@@ -1,0 +1,204 @@
+"""Running as a service: signals, systemd notifications, the admin listener, reloads.
+
+:class:`Service` wraps one :class:`~bridge.daemon.Daemon` the way a service manager sees it:
+
+1. the watchdog task starts (pings only when systemd asked for them) and the admin
+   listener binds (``/healthz`` answers from here on; ``/readyz`` says "starting");
+2. the daemon starts (plugins, pipeline, every transport through ``nursery.start``);
+3. ``READY=1`` is sent only once every transport's ``health()`` is ready. Until then
+   ``STATUS=`` names what is missing, polled every :data:`READY_POLL_S`. With the broker down
+   READY comes late (when it connects): systemd keeps the unit "activating" up to
+   ``TimeoutStartSec=``. Afterwards ``STATUS=`` keeps following the transports
+   ("degraded: waiting for amqp: reconnecting") without a new READY;
+4. SIGHUP: ``RELOADING=1``, :func:`bridge.reload.reload_daemon`, ``READY=1`` with a
+   ``STATUS=`` saying whether the new config was applied or refused. Signals arriving
+   during a reload coalesce into one more reload (a channel of size 1);
+5. SIGTERM/SIGINT: ``STOPPING=1``, then the daemon's drain (bounded by
+   ``drain_timeout_s``); the process exits 0. A second signal during the drain stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterable, Mapping
+
+import trio
+
+from .admin import AdminServer, Readiness, readiness
+from .config import Config
+from .daemon import Daemon
+from .reload import ReloadResult, reload_daemon
+from .sdnotify import Notifier
+from .transport import Health
+
+log = logging.getLogger("bridge.service")
+
+#: Seconds between readiness checks that feed ``READY=1`` and ``STATUS=``.
+READY_POLL_S = 0.2
+
+
+class Service:
+    def __init__(self, config: Config, *, extra_plugins: Iterable[object] = (),
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.daemon = Daemon(config, extra_plugins=extra_plugins)
+        self.notifier = Notifier(environ)
+        self.admin: AdminServer | None = None
+        if config.admin.enabled:
+            self.admin = AdminServer(config.admin.host, config.admin.port,
+                                     readiness=self.readiness, metrics=self.daemon.metrics.render)
+        self.serving = False  # daemon.serve has started
+        self.ready = trio.Event()  # set when every transport was ready once (READY=1 sent)
+        self.stop_requested = False
+        self.last_reload: ReloadResult | None = None
+        self._was_ready = False
+        self._note = ""  # appended to STATUS= (the last reload's outcome)
+        self._reload_lock = trio.Lock()
+        self._reload_send, self._reload_receive = trio.open_memory_channel[None](1)
+
+    # ------------------------------------------------------------------ state
+
+    def health(self) -> dict[str, Health]:
+        out = {}
+        for name, transport in self.daemon.transports.items():
+            try:
+                out[name] = transport.health()
+            except Exception as e:  # a broken health() must not break /readyz
+                out[name] = Health(False, f"health check failed: {type(e).__name__}")
+        return out
+
+    def readiness(self) -> Readiness:
+        return readiness(self.health() if self.serving else None,
+                         stopping=self.stop_requested or self.daemon.stopping,
+                         was_ready=self._was_ready)
+
+    def status(self) -> str:
+        """The ``STATUS=`` line: readiness, then the last reload's outcome if it matters."""
+        summary = self.readiness().summary()
+        return f"{summary}; {self._note}" if self._note else summary
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def pending_reloads(self) -> int:
+        """Reloads requested and not started yet (0 or 1)."""
+        return self._reload_send.statistics().current_buffer_used
+
+    def request_reload(self) -> None:
+        """Queue a reload; one already queued absorbs this one."""
+        try:
+            self._reload_send.send_nowait(None)
+        except trio.WouldBlock:
+            log.info("reload already pending; this request is merged with it")
+
+    async def reload(self) -> ReloadResult:
+        """Reload now (waits for a reload in progress first)."""
+        async with self._reload_lock:
+            if self.stop_requested:  # READY=1 after STOPPING=1 would confuse systemd
+                log.warning("reload ignored: the daemon is draining")
+                return ReloadResult(False, ["the daemon is draining"])
+            announce = self.ready.is_set()
+            if announce:
+                await self.notifier.reloading()
+            result = await reload_daemon(self.daemon, set_log_level=_set_log_level)
+            self.last_reload = result
+            if result.ok:
+                self._note = "" if not result.needs_restart else (
+                    f"{len(result.needs_restart)} change(s) need a restart")
+            else:
+                at = time.strftime("%H:%M:%SZ", time.gmtime())
+                self._note = (f"last reload refused at {at}: {len(result.errors)} error(s), "
+                              "see the journal; running the previous config")
+            if announce:
+                await self.notifier.ready(self.status())
+            return result
+
+    async def stop(self) -> None:
+        """Begin the graceful drain (idempotent)."""
+        if not self.stop_requested:
+            self.stop_requested = True
+            bound = self.daemon.config.daemon.drain_timeout_s
+            await self.notifier.stopping(f"draining (up to {bound:g} s)")
+        self.daemon.request_stop()
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until stopped. ``task_status.started`` once the daemon serves (READY may
+        come later: wait on :attr:`ready`)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.notifier.watchdog)
+                if self.admin is not None:
+                    await nursery.start(self.admin.run)
+                await self.notifier.set_status("starting")
+                await nursery.start(self.daemon.serve)
+                self.serving = True
+                nursery.start_soon(self._follow_readiness)
+                nursery.start_soon(self._reloader)
+                task_status.started(self)
+                await self.daemon.stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.notifier.close()
+
+    async def _reloader(self) -> None:
+        async for _ in self._reload_receive:
+            try:
+                await self.reload()
+            except Exception:  # a reload bug must not take the daemon down
+                log.exception("reload failed unexpectedly; the previous config keeps running")
+
+    async def _follow_readiness(self) -> None:
+        missing: dict[str, str] = {}
+        while not (self.stop_requested or self.daemon.stopping):
+            state = self.readiness()
+            if state.missing != missing:
+                for name, detail in state.missing.items():
+                    if missing.get(name) != detail:
+                        log.warning("transport %s not ready: %s", name, detail)
+                for name in missing.keys() - state.missing.keys():
+                    log.info("transport %s ready", name)
+                missing = state.missing
+            if state.ready:
+                self._was_ready = True
+            if state.ready and not self.ready.is_set():
+                async with self._reload_lock:  # never READY=1 in the middle of a reload
+                    await self.notifier.ready(self.status())
+                log.info("ready: %s", ", ".join(self.daemon.transports))
+                self.ready.set()
+            elif not self._reload_lock.locked():
+                await self.notifier.set_status(self.status())
+            await trio.sleep(READY_POLL_S)
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
+async def run_service(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
+    """Serve until SIGTERM or SIGINT (drain, return), reloading on SIGHUP."""
+    service = Service(config, extra_plugins=extra_plugins)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading %s", service.daemon.config.path)
+                        service.request_reload()
+                    elif service.stop_requested:
+                        log.warning("second %s during the drain: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    else:
+                        log.info("%s: stopping", name)
+                        await service.stop()
+
+            nursery.start_soon(watch_signals)
+            await nursery.start(service.run)
+            await service.daemon.stopped.wait()
+            nursery.cancel_scope.cancel()

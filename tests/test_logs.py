@@ -1,0 +1,96 @@
+"""Logs: one JSON object per line when asked; chat text never at info level or above."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ops_support import running_service
+
+from bridge import ContractError, Message, hookimpl
+from bridge.config import load_config
+from bridge.logs import JsonFormatter, setup_logging
+from bridge.testing import write_config
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_format_writes_one_object_per_line(root_logging: None,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("json", "info")
+    log = logging.getLogger("bridge.test")
+    log.info("two\nlines", extra={"chat_id": "c1"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed on %s", "m1")
+    log.debug("not at info level")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["msg"] == "two\nlines"
+    assert first["level"] == "info"
+    assert first["logger"] == "bridge.test"
+    assert first["chat_id"] == "c1"
+    assert isinstance(first["ts"], float)
+    assert second["level"] == "error"
+    assert "ValueError: boom" in second["exc"]
+
+
+def test_json_ignores_what_other_formatters_add() -> None:
+    record = logging.makeLogRecord({"msg": "x %s", "args": ("y",), "levelname": "INFO"})
+    logging.Formatter("%(asctime)s %(message)s").format(record)  # sets message, asctime
+    entry = json.loads(JsonFormatter().format(record))
+    assert set(entry) == {"ts", "level", "logger", "msg"}
+    assert entry["msg"] == "x y"
+
+
+def test_text_format_is_one_line_per_event(root_logging: None,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("text", "info")
+    logging.getLogger("bridge.test").info("transport %s started", "ws")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("INFO    bridge.test: transport ws started")
+
+
+class _RejectSome:
+    @hookimpl
+    def bridge_validate_message(self, message: Message, stage: str) -> None:
+        if message.body["message"][0]["text"].startswith("REJECT"):
+            raise ContractError("message.0.text: not allowed here", field="message.0.text")
+
+
+async def test_chat_text_is_never_logged_at_info_or_above(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = load_config(write_config(tmp_path, """
+[admin]
+port = 0
+[transports.a]
+type = "memory"
+[transports.b]
+type = "memory"
+[[routes]]
+name = "ab"
+from = "a"
+to = ["b"]
+"""))
+    async with running_service(config, extra_plugins=[_RejectSome()]) as service:
+        a: Any = service.daemon.transports["a"]
+        for text in ("TOP-SECRET-CHAT-TEXT", "REJECT-TOP-SECRET-CHAT-TEXT"):
+            body = {"type": "update", "message": [{"type": "message", "text": text}]}
+            await a.inject(body, chat_id="c1")
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("rejected message" in r.getMessage() for r in loud)  # the rejection is logged
+    assert all("TOP-SECRET-CHAT-TEXT" not in r.getMessage() for r in loud)

@@ -1,0 +1,211 @@
+"""Reloading the config of a running daemon (what SIGHUP does), in-process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from ops_support import running_service, use_opsplug
+
+from bridge import Secret
+from bridge.config import load_config
+from bridge.reload import changed_fields
+from bridge.service import Service
+from bridge.testing import write_config
+
+BASE = """
+[admin]
+enabled = false
+[transports.a]
+type = "memory"
+[transports.b]
+type = "memory"
+[transports.c]
+type = "memory"
+"""
+TO_B = BASE + """
+[[routes]]
+name = "to-b"
+from = "a"
+to = ["b"]
+"""
+TO_C = BASE + """
+[[routes]]
+name = "to-c"
+from = "a"
+to = ["c"]
+"""
+
+
+def chat(text: str) -> dict[str, Any]:
+    return {"type": "update", "message": [{"type": "message", "text": text}]}
+
+
+async def roundtrip(service: Service, text: str) -> str:
+    """Inject ``text`` at a; the name of the transport that received it (b or c)."""
+    a: Any = service.daemon.transports["a"]
+    await a.inject(chat(text), chat_id="c1")
+    for name in ("b", "c"):
+        memory: Any = service.daemon.transports[name]
+        try:
+            message = memory.received.receive_nowait()
+        except trio.WouldBlock:
+            continue
+        assert message.body["message"][0]["text"] == text
+        return name
+    raise AssertionError("delivered nowhere")
+
+
+async def test_a_good_reload_swaps_routes_and_messages_keep_flowing(tmp_path: Path) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        assert await roundtrip(service, "before") == "b"
+        write_config(tmp_path, TO_C)
+        result = await service.reload()
+        assert result.ok
+        assert sorted(result.applied) == ["route to-b removed", "route to-c added"]
+        assert result.needs_restart == []
+        assert await roundtrip(service, "after") == "c"
+        assert [r.name for r in service.daemon.config.routes] == ["to-c"]
+
+
+async def test_a_bad_config_is_refused_and_the_old_one_keeps_running(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        path.write_text(path.read_text().replace('to = ["b"]', 'to = ["nowhere"]')
+                        + '\n[log]\nlevel = "loud"\n')
+        result = await service.reload()
+        assert not result.ok
+        assert any("routes[0].to: unknown transport 'nowhere'" in e for e in result.errors)
+        assert any("log.level: must be" in e for e in result.errors)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        for error in result.errors:  # every error is logged
+            assert any(error in line for line in errors)
+        assert "refused" in service.status()
+        assert await roundtrip(service, "still") == "b"
+        write_config(tmp_path, TO_B)  # fixed again: the note goes away
+        assert (await service.reload()).ok
+        assert "refused" not in service.status()
+
+
+async def test_transports_added_or_removed_need_a_restart(tmp_path: Path) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        write_config(tmp_path, TO_B + '\n[transports.d]\ntype = "memory"\n')
+        result = await service.reload()
+        assert not result.ok
+        assert any("transports added: d" in e for e in result.errors)
+        assert set(service.daemon.config.transports) == {"a", "b", "c"}
+
+
+async def test_transport_settings_apply_live_or_wait_for_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # the reload changes it; put it back
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        write_config(tmp_path, TO_B.replace('[transports.c]\ntype = "memory"',
+                                            '[transports.c]\ntype = "memory"\nreflect = true')
+                     .replace('[transports.b]\ntype = "memory"',
+                              '[transports.b]\ntype = "memory"\ncapacity = 5')
+                     .replace("enabled = false", "enabled = false\nport = 9999")
+                     + "[log]\nlevel = \"debug\"\n[daemon]\ndrain_timeout_s = 3.0\n"
+                       "batch_max = 7\n")
+        result = await service.reload()
+        assert result.ok
+        assert "[transports.c] reflect" in result.applied  # MemoryTransport.reconfigure: True
+        assert "[transports.b] capacity" in result.needs_restart  # returns False
+        assert "[admin] port" in result.needs_restart
+        assert "[daemon] batch_max" in result.needs_restart
+        assert "[daemon] drain_timeout_s" in result.applied
+        assert "[log] level" in result.applied
+        c: Any = service.daemon.transports["c"]
+        assert c.settings.reflect is True
+        running = service.daemon.config
+        assert running.transports["b"].settings.capacity == 1024  # the one in effect
+        assert running.daemon.batch_max == 256
+        assert running.daemon.drain_timeout_s == 3.0
+        assert logging.getLogger().level == logging.DEBUG
+        assert "need a restart" in service.status()
+        again = await service.reload()  # still not applied: said again
+        assert "[transports.b] capacity" in again.needs_restart
+
+
+async def test_plugin_settings_reach_the_plugin_and_secrets_stay_out_of_logs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    use_opsplug(monkeypatch, tmp_path / "site")
+    text = """
+[admin]
+enabled = false
+[plugins]
+enable = ["opsplug"]
+[plugins.opsplug]
+greeting = "hello"
+token = "s3cr3t-one"
+[transports.a]
+type = "memory"
+"""
+    path = write_config(tmp_path, text)
+    caplog.set_level(logging.DEBUG)
+    async with running_service(load_config(path)) as service:
+        plugin: Any = service.daemon.pm.get_plugin("opsplug")
+        assert plugin.settings.greeting == "hello"
+        write_config(tmp_path, text.replace('"hello"', '"bonjour"')
+                     .replace("s3cr3t-one", "s3cr3t-two"))
+        result = await service.reload()
+        assert result.applied == ["[plugins.opsplug] greeting, token"]
+        assert plugin.settings.greeting == "bonjour"
+        assert plugin.reconfigured[0][0].greeting == "hello"  # previous, then new
+        assert service.daemon.plugin_contexts["opsplug"].settings.token == "s3cr3t-two"
+    assert "[plugins.opsplug] greeting, token" in caplog.text
+    assert "s3cr3t" not in caplog.text
+
+
+async def test_reload_requests_coalesce(tmp_path: Path) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        done: list[bool] = []
+        two_done = trio.Event()
+        real_reload = service.reload
+
+        async def counted() -> Any:
+            result = await real_reload()
+            done.append(result.ok)
+            if len(done) == 2:
+                two_done.set()
+            return result
+
+        service.reload = counted  # type: ignore[method-assign]  # count what the reloader runs
+        for _ in range(5):
+            service.request_reload()  # one starts, one waits, three merge into it
+        with trio.fail_after(5):
+            await two_done.wait()
+        assert service.pending_reloads == 0  # no third one queued
+        assert done == [True, True]
+
+
+async def test_no_reload_during_the_drain(tmp_path: Path) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(load_config(path)) as service:
+        await service.stop()
+        write_config(tmp_path, TO_C)
+        result = await service.reload()
+        assert (result.ok, result.errors) == (False, ["the daemon is draining"])
+        assert [r.name for r in service.daemon.config.routes] == ["to-b"]
+
+
+def test_changed_fields_names_fields_never_values() -> None:
+    @dataclass(frozen=True)
+    class S:
+        url: Secret
+        port: int
+
+    old, new = S(Secret("amqp://u:one@h/"), 1), S(Secret("amqp://u:two@h/"), 1)
+    assert changed_fields(old, new) == ["url"]
+    assert changed_fields(old, old) == []

@@ -1,0 +1,142 @@
+"""The real daemon process (``python -m bridge run``) under a fake systemd: the notify
+socket sees READY/RELOADING/STOPPING in order, SIGHUP reloads, SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import trio
+from ops_support import REPO, NotifySocket, abstract_name, install_opsplug, start_bridged, states
+
+from bridge.testing import write_config
+
+TWO_ROUTES = """
+[log]
+format = "json"
+[admin]
+port = 0
+[transports.a]
+type = "memory"
+[transports.b]
+type = "memory"
+[transports.c]
+type = "memory"
+[[routes]]
+name = "to-b"
+from = "a"
+to = ["b"]
+"""
+
+
+async def test_notify_sequence_on_start_reload_and_stop(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TWO_ROUTES)
+    notify = await NotifySocket(abstract_name()).bind()
+    bridged = await start_bridged(config, notify, extra_env={"WATCHDOG_USEC": "400000"})
+    with trio.fail_after(20):
+        start = await notify.until("READY")
+        assert start[0] == {"WATCHDOG": "1"} or start[0].get("STATUS") == "starting"
+        assert states(start) == ["READY"]
+        assert start[-1]["STATUS"] == "serving: a, b, c"
+
+        config.write_text(config.read_text().replace('to = ["b"]', 'to = ["c"]'))
+        bridged.signal(signal.SIGHUP)
+        good = await notify.until("READY")
+        assert states(good) == ["RELOADING", "READY"]
+        reloading = next(d for d in good if "RELOADING" in d)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert good[-1]["STATUS"] == "serving: a, b, c"
+
+        config.write_text(config.read_text() + "\n[admni]\nport = 1\n")  # a typo
+        bridged.signal(signal.SIGHUP)
+        bad = await notify.until("READY")
+        assert states(bad) == ["RELOADING", "READY"]
+        assert "refused" in bad[-1]["STATUS"]
+        assert "serving: a, b, c" in bad[-1]["STATUS"]  # and still serving
+
+        bridged.signal(signal.SIGTERM)
+        stop = await notify.until("STOPPING")
+        assert stop[-1]["STATUS"].startswith("draining")
+        assert await bridged.wait() == 0
+    notify.close()
+    assert any("WATCHDOG" in d for d in notify.received)
+
+    records = [json.loads(line) for line in bridged.log_lines()]  # one JSON object per line
+    messages = [(r["level"], r["msg"]) for r in records]
+    assert ("info", "reload: applied: route to-b changed") in messages
+    assert any(level == "error" and "admni: unknown table or key" in msg
+               for level, msg in messages)
+    assert ("error", "reload refused: 1 error(s); the previous config keeps running") in messages
+    assert ("info", "SIGTERM: stopping") in messages
+
+
+async def test_drain_with_messages_in_flight_delivers_them_and_exits_0(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+[log]
+format = "json"
+[admin]
+enabled = false
+[daemon]
+drain_timeout_s = 10.0
+[plugins]
+enable = ["opsplug"]
+[transports.feed]
+type = "feeder"
+count = 200
+[transports.sink]
+type = "slowsink"
+count_file = "sink.count"
+delay_s = 0.005
+[[routes]]
+name = "feed-sink"
+from = "feed"
+to = ["sink"]
+""")
+    notify = await NotifySocket(abstract_name()).bind()
+    bridged = await start_bridged(config, notify,
+                                  pythonpath=install_opsplug(tmp_path / "site"))
+    with trio.fail_after(20):
+        await notify.until("READY")  # the feeder is ready once all 200 are submitted
+        bridged.signal(signal.SIGTERM)
+        await notify.until("STOPPING")
+        stopped_at = trio.current_time()
+        assert await bridged.wait() == 0
+    drain_took = trio.current_time() - stopped_at
+    notify.close()
+
+    assert (tmp_path / "sink.count").read_text() == "200"  # everything accepted was delivered
+    assert drain_took < 10
+    messages = [json.loads(line)["msg"] for line in bridged.log_lines()]
+    draining = next(m for m in messages if m.startswith("draining"))
+    in_flight = re.search(r"(\d+) messages in the pipeline", draining)
+    assert in_flight is not None
+    assert int(in_flight.group(1)) > 0  # the signal did arrive with messages in flight
+    assert "drained" in messages
+
+
+async def test_a_bad_config_at_start_exits_1_before_any_notification(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TWO_ROUTES.replace('to = ["b"]', 'to = ["x"]'))
+    notify = await NotifySocket(abstract_name()).bind()
+    bridged = await start_bridged(config, notify)
+    assert await bridged.wait() == 1
+    assert "routes[0].to: unknown transport 'x'" in "\n".join(bridged.log_lines())
+    assert not notify.pending()  # it exited without a word to systemd: never claimed READY
+    notify.close()
+
+
+def test_the_unit_file_rates_2_or_better() -> None:
+    result = subprocess.run([str(REPO / ".ci" / "check-unit")], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert score is not None
+    assert float(score.group(1)) <= 2.0
+    unit = (REPO / "systemd" / "bridged.service").read_text()
+    for directive in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "ExecStartPre=",
+                      "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                      "StateDirectory=bridged", "ConfigurationDirectory=bridged",
+                      "LoadCredential="):
+        assert re.search(rf"^{re.escape(directive)}", unit, re.M), directive
