@@ -1,8 +1,18 @@
-"""Wire encodings: JSON (text) and msgpack (binary)."""
+"""Wire encodings: JSON (text) and msgpack (binary).
+
+Decoding is strict, so that whatever decodes can be encoded again in either codec (the
+message shapes are JSON's, whichever encoding carried them): JSON must be UTF-8 (no BOM, no
+UTF-16/32 guessing), without ``NaN``/``Infinity``, numbers out of float range, integers over
+Python's digit limit or lone ``\\ud800``-style surrogates; msgpack may hold only what JSON
+can (no binary, extension or timestamp values, string map keys, finite floats). Any other
+input raises :class:`bridge.DecodeError` and nothing else (tests/test_fuzz.py, fuzz/).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,15 +25,62 @@ def _json_encode(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise DecodeError(f"not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise DecodeError(f"not valid JSON: {text[:20]} is out of range")
+    return value
+
+
+#: A ``\\uD800``-``\\uDFFF`` escape: the only way a JSON text can smuggle in a surrogate.
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json_decode(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
+                           parse_float=_finite_float)
     except UnicodeDecodeError as e:
         raise DecodeError(f"not valid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise DecodeError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise DecodeError("not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
+        raise DecodeError(f"not valid JSON: {e}") from None
+    if _ESCAPED_SURROGATE.search(data):  # a valid pair is one character; a lone half is not
+        _check_json_compatible(value)
+    return value
+
+
+def _check_json_compatible(value: Any) -> None:
+    """Raise DecodeError unless ``value`` holds only what JSON carries (iteratively: no
+    recursion limit to hit on deep input)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise DecodeError("not valid: a string holds a lone UTF-16 surrogate")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise DecodeError(f"not valid: {item} is not a JSON number")
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, member in item.items():
+                if not isinstance(key, str):
+                    raise DecodeError(f"not valid: map keys must be strings, not "
+                                      f"{type(key).__name__}")
+                stack.append(key)
+                stack.append(member)
+        elif not (item is None or isinstance(item, bool | int)):
+            raise DecodeError(f"not valid: {type(item).__name__} values have no JSON form")
 
 
 def _msgpack_encode(value: Any) -> bytes:
@@ -33,11 +90,13 @@ def _msgpack_encode(value: Any) -> bytes:
 
 def _msgpack_decode(data: bytes) -> Any:
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         raise DecodeError(f"not valid msgpack: {e}") from None
     except Exception as e:  # msgpack raises several unrelated types on hostile input
         raise DecodeError(f"not valid msgpack: {type(e).__name__}") from None
+    _check_json_compatible(value)
+    return value
 
 
 JSON = Codec("json", "application/json", False, _json_encode, _json_decode)

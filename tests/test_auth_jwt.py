@@ -189,7 +189,7 @@ async def test_bad_signature_garbage_and_missing_claims_are_401(
 async def test_alg_none_is_refused(auth: Callable[[str], Awaitable[Authenticate]]) -> None:
     authenticate = await auth(HS_CONFIG)
     unsigned = jwt.encode({"sub": "mallory", "chats": ["*"], "aud": "bridged",
-                           "exp": int(time.time()) + 60}, None, algorithm="none")
+                           "exp": int(time.time()) + 60}, "", algorithm="none")
     assert (await refused(authenticate, request(token=unsigned))).status == 401
 
 
