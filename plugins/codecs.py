@@ -2,10 +2,11 @@
 
 Decoding is strict, so that whatever decodes can be encoded again in either codec (the
 message shapes are JSON's, whichever encoding carried them): JSON must be UTF-8 (no BOM, no
-UTF-16/32 guessing), without ``NaN``/``Infinity``, numbers out of float range, integers over
-Python's digit limit or lone ``\\ud800``-style surrogates; msgpack may hold only what JSON
-can (no binary, extension or timestamp values, string map keys, finite floats). Any other
-input raises :class:`bridge.DecodeError` and nothing else (tests/test_fuzz.py, fuzz/).
+UTF-16/32 guessing), without ``NaN``/``Infinity``, numbers out of float range, integers
+outside int64/uint64 (msgpack's range) or lone ``\\ud800``-style surrogates; msgpack may hold
+only what JSON can (no binary, extension or timestamp values, string map keys, finite
+floats). Any other input raises :class:`bridge.DecodeError` and nothing else
+(tests/test_fuzz.py, fuzz/).
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def _refuse_constant(name: str) -> Any:
     raise DecodeError(f"not valid JSON: {name} is not a JSON number")
 
 
+#: The integers msgpack carries (int64 and uint64): a JSON client's integer must reach a
+#: msgpack client too.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text) if len(text) <= 21 else INT_MAX + 1  # no 4300-digit int() to parse
+    if not INT_MIN <= value <= INT_MAX:
+        raise DecodeError(f"not valid: integer {text[:24]} is out of range (int64/uint64)")
+    return value
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
@@ -44,15 +57,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _json_decode(data: bytes) -> Any:
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
-                           parse_float=_finite_float)
+                           parse_float=_finite_float, parse_int=_bounded_int)
     except UnicodeDecodeError as e:
         raise DecodeError(f"not valid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise DecodeError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise DecodeError("not valid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
-        raise DecodeError(f"not valid JSON: {e}") from None
     if _ESCAPED_SURROGATE.search(data):  # a valid pair is one character; a lone half is not
         _check_json_compatible(value)
     return value

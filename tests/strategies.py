@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bridge import Codec
 
-INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # msgpack: int64 and uint64
 SECONDS = st.integers(min_value=0, max_value=2**40)
 ITEM_TYPES = ("message", "chat_event")
 ITEM_KEYS = ("type", "text", "sender", "send_date")

@@ -58,6 +58,8 @@ def mangled(draw: st.DrawFn, codec: Codec) -> bytes:
 @fuzz_settings
 @given(data=st.binary(max_size=512))
 @example(data=b"1" * 5000)               # int() digit limit: a ValueError
+@example(data=b"18446744073709551616")   # 2**64: JSON carries it, msgpack cannot (atheris)
+@example(data=b"-9223372036854775809")
 @example(data=b'"\\ud800"')              # a lone surrogate cannot be encoded again
 @example(data=b'["\\udfff", {"\\ud83d": 1}]')
 @example(data=b"NaN")
@@ -86,7 +88,8 @@ def test_mangled_frames_decode_or_raise_decode_error(codec: Codec, data: st.Data
 
 
 @pytest.mark.parametrize("data", [
-    b"1" * 5000, b'"\\ud800"', b'{"a": "\\udc00"}', b"NaN", b"[1e999]", b"\xef\xbb\xbf{}",
+    b"1" * 5000, b"18446744073709551616", b"-9223372036854775809", b'"\\ud800"',
+    b'{"a": "\\udc00"}', b"NaN", b"[1e999]", b"\xef\xbb\xbf{}",
     b"\x00{\x00}", b"[" * 100_000,
 ])
 def test_hostile_json_is_refused(data: bytes) -> None:
@@ -104,8 +107,10 @@ def test_msgpack_values_json_cannot_carry_are_refused(value: Any) -> None:
         MSGPACK.decode(data)
 
 
-def test_surrogate_pairs_are_fine() -> None:
+def test_surrogate_pairs_and_integer_limits_are_fine() -> None:
     assert JSON.decode(b'{"t": "\\ud83d\\ude00"}') == {"t": "\N{GRINNING FACE}"}
+    assert JSON.decode(b"[18446744073709551615, -9223372036854775808, 0, -0]") == [
+        2**64 - 1, -(2**63), 0, 0]
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
