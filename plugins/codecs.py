@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -65,33 +65,37 @@ def _json_decode(data: bytes) -> Any:
     except RecursionError:
         raise DecodeError("not valid JSON: nested too deeply") from None
     if _ESCAPED_SURROGATE.search(data):  # a valid pair is one character; a lone half is not
-        _check_json_compatible(value)
+        _check_json_compatible(value, surrogates=True)
     return value
 
 
-def _check_json_compatible(value: Any) -> None:
-    """Raise DecodeError unless ``value`` holds only what JSON carries (iteratively: no
-    recursion limit to hit on deep input)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                raise DecodeError("not valid: a string holds a lone UTF-16 surrogate")
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise DecodeError(f"not valid: {item} is not a JSON number")
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for key, member in item.items():
-                if not isinstance(key, str):
-                    raise DecodeError(f"not valid: map keys must be strings, not "
-                                      f"{type(key).__name__}")
-                stack.append(key)
-                stack.append(member)
-        elif not (item is None or isinstance(item, bool | int)):
-            raise DecodeError(f"not valid: {type(item).__name__} values have no JSON form")
+def _check_json_compatible(value: Any, *, surrogates: bool) -> None:
+    """Raise DecodeError unless ``value`` holds only what JSON carries; with ``surrogates``
+    also refuse strings holding a lone surrogate (JSON escapes can make them; strict UTF-8,
+    which msgpack strings are decoded with, cannot). Iterative, so deep input cannot hit the
+    recursion limit, and dispatching on exact types: it runs on every msgpack frame."""
+    pending: list[Iterable[Any]] = [(value,)]
+    while pending:
+        for item in pending.pop():
+            kind = type(item)
+            if kind is str:
+                if surrogates and _SURROGATE.search(item):
+                    raise DecodeError("not valid: a string holds a lone UTF-16 surrogate")
+            elif kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        raise DecodeError(f"not valid: map keys must be strings, not "
+                                          f"{type(key).__name__}")
+                    if surrogates and _SURROGATE.search(key):
+                        raise DecodeError("not valid: a key holds a lone UTF-16 surrogate")
+                pending.append(item.values())
+            elif kind is list:
+                pending.append(item)
+            elif kind is float:
+                if not math.isfinite(item):
+                    raise DecodeError(f"not valid: {item} is not a JSON number")
+            elif not (kind is int or kind is bool or item is None):
+                raise DecodeError(f"not valid: {kind.__name__} values have no JSON form")
 
 
 def _msgpack_encode(value: Any) -> bytes:
@@ -106,7 +110,7 @@ def _msgpack_decode(data: bytes) -> Any:
         raise DecodeError(f"not valid msgpack: {e}") from None
     except Exception as e:  # msgpack raises several unrelated types on hostile input
         raise DecodeError(f"not valid msgpack: {type(e).__name__}") from None
-    _check_json_compatible(value)
+    _check_json_compatible(value, surrogates=False)
     return value
 
 
