@@ -243,7 +243,7 @@ class Verifier:
             return next(iter(self.keys.by_kid.values()))
         key = self.keys.by_kid.get(kid) if isinstance(kid, str) else None
         if key is None:
-            raise AuthError(f"no key for the token's kid {kid!r}", status=401)
+            raise AuthError(f"no key for the token's kid {str(kid)[:40]!r}", status=401)
         return key
 
     def verify(self, token: str) -> Identity:
@@ -256,8 +256,9 @@ class Verifier:
                                 options={"require": required})
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired", status=401) from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token not valid yet (nbf)", status=401) from None
+        except jwt.ImmatureSignatureError:  # nbf, or iat, in the future
+            raise AuthError("token not valid yet (nbf or iat in the future)", status=401
+                            ) from None
         except jwt.InvalidAudienceError:
             raise AuthError("token audience not accepted", status=401) from None
         except jwt.InvalidIssuerError:
@@ -267,7 +268,7 @@ class Verifier:
         except jwt.MissingRequiredClaimError as e:
             raise AuthError(f"token lacks the {e.claim!r} claim", status=401) from None
         except jwt.PyJWTError as e:
-            raise AuthError(f"invalid token: {e}", status=401) from None
+            raise AuthError(f"invalid token: {str(e)[:100]}", status=401) from None
         return self._identity(claims)
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
