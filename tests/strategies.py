@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 
 from bridge import Codec
 
-INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # msgpack: int64 and uint64
+INTEGERS = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # msgpack: int64 and uint64
 SECONDS = st.integers(min_value=0, max_value=2**40)
 ITEM_TYPES = ("message", "chat_event")
 ITEM_KEYS = ("type", "text", "sender", "send_date")
 SERVER_FIELDS = ("eventId", "timestamp", "timestampms", "socket_sequence")
 
 #: Scalars both codecs round-trip: msgpack integers stop at 64 bits, JSON has no NaN.
-scalars = st.one_of(st.none(), st.booleans(), INT64,
+scalars = st.one_of(st.none(), st.booleans(), INTEGERS,
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
 
 
@@ -67,9 +67,9 @@ def client_frames() -> st.SearchStrategy[dict[str, Any]]:
     return st.one_of(client_updates(), heartbeat_frames())
 
 
-not_a_string = st.one_of(st.none(), st.booleans(), INT64, st.lists(st.integers(), max_size=2))
+not_a_string = st.one_of(st.none(), st.booleans(), INTEGERS, st.lists(INTEGERS, max_size=2))
 not_an_integer = st.one_of(  # 2.0 is an integer to JSON Schema: only fractions here
-    st.none(), st.booleans(), st.text(max_size=5), st.lists(st.integers(), max_size=2),
+    st.none(), st.booleans(), st.text(max_size=5), st.lists(INTEGERS, max_size=2),
     st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer()))
 
 
@@ -90,7 +90,7 @@ def invalid_client_updates(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
         return frame, "message"
     if breakage == "message not a list":
         frame["message"] = draw(st.one_of(st.text(max_size=5), st.dictionaries(
-            st.text(max_size=3), st.integers(), max_size=2), INT64))
+            st.text(max_size=3), INTEGERS, max_size=2), INTEGERS))
         return frame, "message"
     if breakage == "empty message":
         frame["message"] = []
