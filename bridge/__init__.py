@@ -18,6 +18,7 @@ from .errors import (
     HopLimitExceeded,
     ReplayGap,
 )
+from .identity import Identity
 from .message import CHAT_EVENT, NOTIFICATION, Message
 from .plugins import PluginContext
 from .transport import (
@@ -50,6 +51,7 @@ __all__ = [
     "Failed",
     "Health",
     "HopLimitExceeded",
+    "Identity",
     "Message",
     "Outcome",
     "PluginContext",

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the config is not valid (every error printed as file:line: key:
 problem); 2 wrong usage; 3 the daemon failed at run time (a port in use, a plugin that
-failed to start). SIGTERM and SIGINT drain and exit 0.
+failed to start). SIGTERM and SIGINT drain and exit 0. Warnings about a config that is valid
+but unwise (a development secret) go to stderr and do not change the exit code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
@@ -32,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the topology")
     asyncapi.add_argument("-c", "--config", required=True)
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    token = sub.add_parser("token", help="mint an HS token from the config's [plugins.auth_jwt]")
+    token.add_argument("-c", "--config", required=True)
+    token.add_argument("--sub", required=True, help="subject: the sender the token speaks as")
+    token.add_argument("--chat", action="append", default=[],
+                       help="a chat id or fnmatch pattern it may join (repeat for more)")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument("--role", help="the role claim")
     return p
 
 
@@ -42,17 +55,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load(path: str) -> tuple[Config, list[str]]:
+    """The config at ``path`` and the warnings (Python ``warnings``, e.g. a plugin settings
+    class flagging a development secret) issued while loading it. Raises ConfigError."""
     from .config import load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        config = load_config(path)
+    return config, [f"{path}: WARNING: {w.message}" for w in caught]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
     from .errors import ConfigError
 
     try:
-        config = load_config(args.config)
+        config, notes = _load(args.config)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
         print(f"{args.config}: {len(e.errors)} error(s)", file=sys.stderr)
         return EXIT_CONFIG
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"{args.config}: ok ({len(config.transports)} transports, {len(config.routes)} routes)")
     return EXIT_OK
 
@@ -60,19 +85,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from .config import load_config
     from .daemon import run_daemon
     from .errors import ConfigError
     from .logs import setup_logging
 
     try:
-        config = load_config(args.config)
+        config, notes = _load(args.config)
     except ConfigError as e:
         setup_logging()
         for line in e.errors:
             log.error("config: %s", line)
         return EXIT_CONFIG
     setup_logging(args.log_format or config.log.format, config.log.level)
+    for note in notes:
+        log.warning("config: %s", note)
     code = EXIT_OK
     try:
         trio.run(run_daemon, config)
@@ -119,4 +145,34 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
         print("\n".join(e.errors), file=sys.stderr)
         return EXIT_CONFIG
     sys.stdout.write(render(build_document(config), args.format))
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .errors import ConfigError
+
+    try:
+        config, notes = _load(args.config)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(note, file=sys.stderr)
+    settings = config.plugins.settings.get("auth_jwt")
+    if settings is None:
+        print(f"{args.config}: the auth_jwt plugin is disabled", file=sys.stderr)
+        return EXIT_CONFIG
+    if not settings.enabled:
+        print(f"{args.config}: WARNING: [plugins.auth_jwt] enabled = false: the daemon will "
+              "not ask for this token", file=sys.stderr)
+    auth_jwt = importlib.import_module("bridge_plugins.auth_jwt")
+    try:
+        token = auth_jwt.mint_token(settings, subject=args.sub, chats=args.chat,
+                                    ttl_s=args.ttl, role=args.role)
+    except ValueError as e:
+        print(f"{args.config}: plugins.auth_jwt: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(token)
     return EXIT_OK

@@ -240,6 +240,9 @@ def _convert(tp: Any, value: Any, base: Path) -> Any:
     """``value`` as type ``tp``; raises ValueError with a readable reason."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
+        options = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if len(options) == 1:  # X | None: say what is wrong with the X
+            return _convert(options[0], value, base)
         for arg in typing.get_args(tp):
             if arg is type(None):
                 continue
@@ -359,7 +362,13 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
             hint = _close_match(key, known)
             errors.add((*path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
             failed = True
-    return None if failed else cls(**values)
+    if failed:
+        return None
+    try:
+        return cls(**values)
+    except ValueError as e:  # a settings class checks its fields together in __post_init__
+        errors.add(path, str(e))
+        return None
 
 
 def _close_match(key: str, known: set[str]) -> str | None:

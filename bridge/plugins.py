@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "bridge_plugins.validation",
     "bridge_plugins.enrichment",
     "bridge_plugins.history",
+    "bridge_plugins.auth_jwt",
 )
 
 ENTRY_POINT_GROUP = "bridge"
