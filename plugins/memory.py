@@ -15,7 +15,6 @@ from typing import Any
 import trio
 
 from bridge import (
-    CHAT_EVENT,
     DeliveryError,
     Health,
     Message,
@@ -25,6 +24,11 @@ from bridge import (
     hookimpl,
     setting,
 )
+
+
+#: Default kind of injected messages: no built-in validates, enriches or stores it, so tests
+#: of the core can send any body. Pass ``kind=CHAT_EVENT`` to exercise the chat plugins.
+MEMORY_KIND = "memory"
 
 
 def _positive(v: int) -> str | None:
@@ -55,7 +59,7 @@ class MemoryTransport:
             await ctx.submit(message.evolve(source=self.name, hops=message.hops + 1),
                              lambda _outcome: None)
 
-    async def inject(self, body: Mapping[str, Any], *, kind: str = CHAT_EVENT,
+    async def inject(self, body: Mapping[str, Any], *, kind: str = MEMORY_KIND,
                      chat_id: str | None = None, id: str = "", hops: int = 0,
                      meta: Mapping[str, Any] | None = None, wait: bool = True) -> Outcome | None:
         """Submit a message as if it had arrived here. With ``wait`` return its outcome."""

@@ -74,6 +74,7 @@ async def auth(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Authen
 
         async def start(text: str) -> Authenticate:
             config = load_config(write_config(tmp_path, text))
+            config.daemon.state_dir.mkdir(parents=True, exist_ok=True)  # as Daemon.serve does
             pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
             hooks = Hooks(pm)
             contexts = {name: PluginContext(name, config.plugins.settings.get(name),

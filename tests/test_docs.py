@@ -21,7 +21,7 @@ def test_every_hook_has_a_docs_section_with_its_signature() -> None:
 
 
 def test_every_hook_is_implemented_in_a_test() -> None:
-    sources = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")
+    sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py")
                         if p.name != "test_docs.py")
     for name in HOOKS:
         assert re.search(rf"def {name}\(", sources), f"no test or built-in implements {name}"

@@ -167,7 +167,7 @@ async def test_survives_restart_of_the_daemon(tmp_path: Path) -> None:
         for n in (1, 2):
             outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
                 {"type": "update", "message": [{"type": "message", "text": f"#{n}"}]},
-                chat_id="c1", id=eid(n))
+                kind=CHAT_EVENT, chat_id="c1", id=eid(n))
             assert isinstance(outcome, Accepted), outcome
     assert (tmp_path / "state" / DB_NAME).exists()
     async with run_bridge(config) as daemon:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from bridge import Accepted, ContractError, Rejected
+from bridge import CHAT_EVENT, Accepted, ContractError, Rejected
 from bridge.config import Config
 from bridge.plugins import available_plugins, build_plugin_manager, describe_plugins
 from bridge.testing import run_bridge
@@ -48,9 +48,11 @@ def test_installed_distribution_is_discovered_through_entry_point() -> None:
 async def test_enabled_plugin_rejects_a_message(bridge_config: Callable[[str], Config]) -> None:
     async with run_bridge(bridge_config(CONFIG)) as daemon:
         a = daemon.transports["a"]
-        clean = await a.inject({"message": [{"type": "message", "text": "hi"}]})
-        dirty = await a.inject({"message": [{"type": "message", "text": "ok"},
-                                            {"type": "message", "text": "Darn it"}]})
+        clean = await a.inject({"type": "update", "message": [{"type": "message", "text": "hi"}]},
+                               kind=CHAT_EVENT, chat_id="c1")
+        dirty = await a.inject({"type": "update", "message": [
+            {"type": "message", "text": "ok"}, {"type": "message", "text": "Darn it"}]},
+            kind=CHAT_EVENT, chat_id="c1")
     assert isinstance(clean, Accepted)
     assert isinstance(dirty, Rejected)
     assert isinstance(dirty.error, ContractError)

@@ -174,13 +174,13 @@ async def test_daemon_rejects_with_the_field(tmp_path: Any) -> None:
     async with run_bridge(write_config(tmp_path, CONFIG)) as daemon:
         client = daemon.transports["client"]
         outcome = await client.inject(  # type: ignore[attr-defined]
-            {"type": "update", "message": [{"type": "message", "txt": "hi"}]}, chat_id="c1")
+            {"type": "update", "message": [{"type": "message", "txt": "hi"}]}, kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Rejected)
         assert isinstance(outcome.error, ContractError)
         assert outcome.error.field == "message.0.txt"
         assert outcome.error.rule == "additionalProperties"
         outcome = await client.inject(  # type: ignore[attr-defined]
-            {"type": "update", "message": [ITEM]}, chat_id="c1")
+            {"type": "update", "message": [ITEM]}, kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
         delivered = daemon.transports["out"].received.receive_nowait()  # type: ignore[attr-defined]
         assert delivered.body["message"][0]["text"] == ITEM["text"]
@@ -191,7 +191,7 @@ async def test_daemon_settings_select_kinds(tmp_path: Any) -> None:
                             '[plugins.validation]\nkinds = ["notification"]\n[transports.client]')
     async with run_bridge(write_config(tmp_path, config)) as daemon:
         outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
-            {"type": "update", "message": [ITEM], "extra": 1}, chat_id="c1")
+            {"type": "update", "message": [ITEM], "extra": 1}, kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
 
 
