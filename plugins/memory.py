@@ -25,7 +25,6 @@ from bridge import (
     setting,
 )
 
-
 #: Default kind of injected messages: no built-in validates, enriches or stores it, so tests
 #: of the core can send any body. Pass ``kind=CHAT_EVENT`` to exercise the chat plugins.
 MEMORY_KIND = "memory"
