@@ -174,7 +174,8 @@ async def test_daemon_rejects_with_the_field(tmp_path: Any) -> None:
     async with run_bridge(write_config(tmp_path, CONFIG)) as daemon:
         client = daemon.transports["client"]
         outcome = await client.inject(  # type: ignore[attr-defined]
-            {"type": "update", "message": [{"type": "message", "txt": "hi"}]}, kind=CHAT_EVENT, chat_id="c1")
+            {"type": "update", "message": [{"type": "message", "txt": "hi"}]},
+            kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Rejected)
         assert isinstance(outcome.error, ContractError)
         assert outcome.error.field == "message.0.txt"
