@@ -601,6 +601,7 @@ class Consumer:
         self._send, self._receive = trio.open_memory_channel[Delivery](max(prefetch, 1))
         self.cancelled = trio.Event()  # set when the broker cancelled the consumer
         self.stopped = False
+        self.cancel_done = trio.Event()  # set once our basic.cancel is answered (or failed)
         # asyncio-side state
         self._unacked: dict[int, None] = {}
         self._ready: set[int] = set()
@@ -653,13 +654,22 @@ class Consumer:
 
     def cancel(self) -> None:
         """Ask the broker to stop delivering (``basic.cancel``); returns at once."""
+        if self.stopped:
+            return
         self.stopped = True
-        with contextlib.suppress(IslandClosed):
+        try:
             self.island.post(self._cancel_aio)
+        except IslandClosed:
+            self.cancel_done.set()
 
     def _cancel_aio(self) -> None:  # asyncio thread
+        def done(_: asyncio.Future[Any]) -> None:
+            self.island.to_trio(self.cancel_done.set)
+
         if self.tag and not self._raw.is_closed:
-            self.island.spawn(partial(self._raw.basic_cancel, self.tag), "basic.cancel")
+            self.island.spawn(partial(self._raw.basic_cancel, self.tag), "basic.cancel", done)
+        else:
+            done(asyncio.get_running_loop().create_future())
 
     def _dead_letter_aio(self, tag: int, queue: str, body: bytes, properties: Properties,
                          on_done: Callable[[bool], None]) -> None:  # asyncio thread
