@@ -218,11 +218,14 @@ def _loop_thread(loop: asyncio.AbstractEventLoop, island: Island, done: trio.Eve
     asyncio.set_event_loop(loop)
     try:
         loop.run_forever()
-        # Stopped: cancel what is left and let it finish, then close the loop.
-        tasks = asyncio.all_tasks(loop)
-        for t in tasks:
-            t.cancel()
-        if tasks:
+        # Stopped: cancel what is left and let it finish (cancelling may start more
+        # tasks, such as aio-pika's close handlers: repeat), then close the loop.
+        for _ in range(10):
+            tasks = asyncio.all_tasks(loop)
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())

@@ -256,8 +256,7 @@ async def test_chat_keeps_working_while_the_broker_is_unreachable(tmp_path: Path
             assert await broker.ready(names.archive) == 0
             proxy.restore()
             got = await broker.read(names.archive, n)
-            await until(amqp, lambda: amqp.spool_depth == 0)
-            assert amqp.health().ready
+            await until(amqp, lambda: amqp.spool_depth == 0 and amqp.health().ready)
         nursery.cancel_scope.cancel()
     assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
 
