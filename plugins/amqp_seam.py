@@ -189,13 +189,15 @@ class Island:
         return result
 
     def spawn(self, coro: Callable[[], Awaitable[Any]], what: str,
-              on_done: Callable[[asyncio.Future[Any]], None] | None = None) -> None:
+              on_done: Callable[[asyncio.Future[Any]], None] | None = None
+              ) -> asyncio.Future[Any]:
         """Start ``coro()`` as a fire-and-forget asyncio task; ``on_done(task)`` runs when it
         ends, else a failure is only logged. Call on the asyncio thread."""
         fut = asyncio.ensure_future(coro())
         self._tasks.add(fut)  # asyncio holds tasks weakly: keep them until they end
         fut.add_done_callback(self._tasks.discard)
         fut.add_done_callback(on_done or partial(_log_failure, what))
+        return fut
 
 
 @dataclass(slots=True)
@@ -374,6 +376,7 @@ class Connection:
         self._conn = conn
         self.lost = trio.Event()
         self.reason = ""
+        self._consumers: list[Consumer] = []
 
     @classmethod
     async def open(cls, island: Island, url: str, *, heartbeat_s: int = 60,
@@ -491,6 +494,7 @@ class Connection:
         The channel is in confirm mode so that dead letters are confirmed before the ack."""
         raw = await self._channel(confirms=dead_letter_confirms)
         consumer = Consumer(self.island, raw, prefetch)
+        self._consumers.append(consumer)
 
         async def start() -> None:
             await raw.basic_qos(prefetch_count=prefetch)
@@ -503,9 +507,16 @@ class Connection:
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Close gracefully, shielded and bounded by ``grace_s`` seconds."""
+        async def close() -> None:
+            # Acks and dead letters still queued go out before the connection closes.
+            settling = [t for c in self._consumers for t in c._settle_now_aio()]
+            if settling:
+                await asyncio.wait(settling, timeout=grace_s)
+            await self._conn.close()
+
         with trio.CancelScope(shield=True), trio.move_on_after(grace_s):
             try:
-                await self.island.call(self._conn.close)
+                await self.island.call(close)
             except Exception as e:
                 log.debug("closing the AMQP connection: %r", e)
         self._mark_lost("closed by us")
@@ -608,6 +619,7 @@ class Consumer:
         # asyncio-side state
         self._unacked: dict[int, None] = {}
         self._ready: set[int] = set()
+        self._settling: set[asyncio.Future[Any]] = set()
         self._flush_scheduled = False
 
     # ------------------------------------------------------------ deliveries
@@ -688,7 +700,18 @@ class Consumer:
                 self._ready_aio(tag)
             self.island.to_trio(partial(on_done, ok))
 
-        self.island.spawn(run, "dead-lettering")
+        self._track(self.island.spawn(run, "dead-lettering"))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:  # asyncio thread
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def _settle_now_aio(self) -> list[asyncio.Future[Any]]:  # asyncio thread
+        """Send the acks that wait for the next loop turn; the acks and dead letters in
+        progress, to await before closing."""
+        if self._flush_scheduled:
+            self._flush_aio()
+        return list(self._settling)
 
     def _ready_aio(self, tag: int) -> None:  # asyncio thread
         if tag not in self._unacked:
@@ -700,6 +723,8 @@ class Consumer:
 
     def _flush_aio(self) -> None:  # asyncio thread
         self._flush_scheduled = False
+        if not self._ready:
+            return
         if self._raw.is_closed:
             self._ready.clear()
             return
@@ -714,11 +739,12 @@ class Consumer:
                 self._ready.discard(tag)
                 if tag == last:
                     break
-            self.island.spawn(partial(self._raw.basic_ack, last, multiple=True, wait=False),
-                              "basic.ack")
+            self._track(self.island.spawn(
+                partial(self._raw.basic_ack, last, multiple=True, wait=False), "basic.ack"))
         for tag in self._ready:
             del self._unacked[tag]
-            self.island.spawn(partial(self._raw.basic_ack, tag, wait=False), "basic.ack")
+            self._track(self.island.spawn(partial(self._raw.basic_ack, tag, wait=False),
+                                          "basic.ack"))
         self._ready.clear()
 
 
