@@ -9,9 +9,10 @@ in a worker thread (``trio.to_thread``), one operation at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,18 @@ class Spool:
         db, depth = await trio.to_thread.run_sync(run)
         return cls(db, depth, max_messages)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One explicit transaction: the connection is in autocommit mode (so that the
+        PRAGMAs work), where ``with db:`` alone would commit every statement by itself."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     async def _run(self, fn: Any) -> Any:
         async with self._lock:
             return await trio.to_thread.run_sync(fn)
@@ -90,7 +103,7 @@ class Spool:
                  json.dumps(dict(e.headers), separators=(",", ":")), e.body) for e in entries]
 
         def run() -> None:
-            with self._db:  # BEGIN ... COMMIT (ROLLBACK on error)
+            with self._transaction():
                 self._db.executemany(
                     "INSERT INTO outbox (exchange, routing_key, content_type, message_id,"
                     " headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -119,7 +132,7 @@ class Spool:
 
         def run() -> int:
             removed = 0
-            with self._db:
+            with self._transaction():
                 for lo, hi in ranges:
                     removed += self._db.execute(
                         "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import ssl
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -141,8 +142,10 @@ class Proxy:
     """A TCP proxy to the broker that a test can cut (close every connection and refuse
     new ones) and restore."""
 
-    def __init__(self, target: tuple[str, int] = BROKER) -> None:
+    def __init__(self, target: tuple[str, int] = BROKER,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.target = target
+        self.tls = tls  # terminate TLS (amqps) in front of the plain broker port
         self.port = 0
         self.cut_ = False
         self._scopes: set[trio.CancelScope] = set()
@@ -150,7 +153,8 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return broker_url(port=self.port)
+        url = broker_url(port=self.port)
+        return url.replace("amqp://", "amqps://") if self.tls else url
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -167,7 +171,10 @@ class Proxy:
     def restore(self) -> None:
         self.cut_ = False
 
-    async def _handle(self, client: trio.SocketStream) -> None:
+    async def _handle(self, raw: trio.SocketStream) -> None:
+        client: trio.abc.Stream = raw
+        if self.tls is not None:
+            client = trio.SSLStream(raw, self.tls, server_side=True)
         async with client:
             if self.cut_:
                 return
@@ -179,14 +186,14 @@ class Proxy:
                     async with upstream, trio.open_nursery() as nursery:
                         nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
                         nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
-                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                         ssl.SSLError):
                     pass
                 finally:
                     self._scopes.discard(scope)
 
 
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
-                ) -> None:
+async def _pump(src: trio.abc.Stream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
     while data := await src.receive_some(65536):
         await dst.send_all(data)
     scope.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any, cast
 import msgpack
 import pytest
 import trio
+import trustme
 from amqp_support import (
     Names,
     Proxy,
@@ -324,6 +326,32 @@ async def test_spooled_messages_survive_sigkill(tmp_path: Path) -> None:
             await until(amqp_of(daemon), lambda: amqp_of(daemon).spool_depth == 0)
     assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
     assert {d.headers["x-bridge-chat-id"] for d in got} == {"c"}
+
+
+async def test_amqps_with_a_private_ca(tmp_path: Path) -> None:
+    """TLS to the broker: a TLS-terminating proxy with a certificate from a test CA."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    names = Names.make()
+    async with open_broker() as broker, trio.open_nursery() as nursery:
+        proxy: Proxy = await nursery.start(Proxy(tls=server_ctx).run)
+        assert proxy.url.startswith("amqps://")
+        trusted = config(tmp_path, names, proxy.url, routes=TO_CHAT,
+                         amqp={"tls_ca_file": str(ca_file)})
+        async with run_bridge(trusted) as daemon:
+            await until(amqp_of(daemon), lambda: amqp_of(daemon).health().ready)
+            await broker.publish(names.queue, notification("u", "over tls"))
+            (msg,) = await received(chat_of(daemon), 1)
+            assert msg.body["message"] == "over tls"
+        untrusted = config(tmp_path, names, proxy.url, routes=TO_CHAT, state="untrusted")
+        async with run_bridge(untrusted) as daemon:
+            health = amqp_of(daemon).health()
+            assert not health.ready
+            assert "CERTIFICATE_VERIFY_FAILED" in health.detail
+        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------- lifecycle
