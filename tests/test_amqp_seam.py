@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -202,3 +205,42 @@ def test_no_asyncio_loop_thread_is_left_behind() -> None:
 @pytest.fixture(autouse=True)
 def _quiet_aiormq(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+KI_CHILD = r"""
+import asyncio, signal, sys, trio
+from bridge_plugins.amqp_seam import open_island
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+async def main():
+    async with open_island("ki") as island:
+        async def tick():
+            await asyncio.sleep(0)
+        print("ready", flush=True)
+        while True:  # KeyboardInterrupt must never land between submit and park
+            await island.call(tick)
+
+try:
+    trio.run(main)
+except* KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+async def test_ctrl_c_during_heavy_traffic_exits_cleanly() -> None:
+    for attempt in range(10):
+        proc = await trio.lowlevel.open_process([sys.executable, "-c", KI_CHILD],
+                                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            with trio.fail_after(10):
+                assert (await proc.stdout.receive_some(6)).startswith(b"ready")
+            await trio.sleep(0.005 * attempt)  # part of the test: land at varying moments
+            proc.send_signal(signal.SIGINT)
+            with trio.fail_after(5):  # a hang here is the bug this guards against
+                assert await proc.wait() == 130
+        finally:
+            proc.kill()
+            await proc.wait()
+            await proc.stdout.aclose()
