@@ -371,9 +371,9 @@ class Connection:
     broker, the network or us); :meth:`wait_lost` raises :class:`ConnectionLost` then.
     """
 
-    def __init__(self, island: Island, conn: aio_pika.abc.AbstractConnection) -> None:
+    def __init__(self, island: Island) -> None:
         self.island = island
-        self._conn = conn
+        self._conn: aio_pika.abc.AbstractConnection
         self.lost = trio.Event()
         self.reason = ""
         self._consumers: list[Consumer] = []
@@ -386,12 +386,14 @@ class Connection:
         parsed = URL(url).update_query(heartbeat=str(heartbeat_s), name=name)
         ssl_context = tls.context() if tls is not None and parsed.scheme == "amqps" else None
 
-        async def connect() -> aio_pika.abc.AbstractConnection:
-            return await aio_pika.connect(parsed, timeout=timeout_s, ssl_context=ssl_context)
+        self = cls(island)
 
-        conn = await island.call(connect)
-        self = cls(island, conn)
-        island.post(lambda: conn.close_callbacks.add(self._on_close_aio))
+        async def connect() -> aio_pika.abc.AbstractConnection:
+            conn = await aio_pika.connect(parsed, timeout=timeout_s, ssl_context=ssl_context)
+            conn.close_callbacks.add(self._on_close_aio)  # before anything else can happen
+            return conn
+
+        self._conn = await island.call(connect)
         return self
 
     def _on_close_aio(self, _sender: Any, exc: BaseException | None = None) -> None:
