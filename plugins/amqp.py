@@ -378,12 +378,12 @@ class AmqpTransport:
         mid = d.message_id
         if mid:
             if mid in self._seen:
-                self.ctx.count("duplicates_total")
+                self._duplicate()
                 consumer.ack(d.tag)
                 return
             waiting = self._inflight.get(mid)
             if waiting is not None:  # a redelivery of what is still in the pipeline
-                self.ctx.count("duplicates_total")
+                self._duplicate()
                 waiting.append((consumer, d.tag))
                 return
         try:
@@ -394,6 +394,10 @@ class AmqpTransport:
         if mid:
             self._inflight[mid] = []
         await self.ctx.submit(message, partial(self._settle, consumer, d))
+
+    def _duplicate(self) -> None:
+        self.ctx.count("duplicates_total")
+        self._fire()
 
     def _decode(self, d: Delivery) -> Message:
         content_type = d.content_type or "application/json"

@@ -179,6 +179,43 @@ async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) ->
         assert await broker.ready(names.queue) == 0
 
 
+class Gate:
+    """A store that holds every batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.open = trio.Event()
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.entered.set()
+        await self.open.wait()
+
+
+async def test_redeliveries_after_a_reconnect_are_not_second_events(tmp_path: Path) -> None:
+    names = Names.make()
+    gate = Gate()
+    cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+    async with run_bridge(cfg, extra_plugins=[gate]) as daemon:
+        amqp, chat = amqp_of(daemon), chat_of(daemon)
+        async with open_broker() as broker:
+            for text in ("a", "b", "c"):
+                await broker.publish(names.queue, notification("u", text), message_id=text)
+        await gate.entered.wait()  # "a" is in the pipeline, unacknowledged
+        await close_all_connections()  # the broker requeues what was unacknowledged
+        await until(amqp, lambda: not amqp.health().ready, within=3)
+        # the redelivery of "a" arrives while "a" is still in the pipeline: it is held
+        await until(amqp, lambda: metric(daemon, "duplicates_total") >= 1)
+        gate.open.set()
+        got = await received(chat, 3)
+        assert [m.body["message"] for m in got] == ["a", "b", "c"]
+        with trio.move_on_after(0.3):  # part of the test: no second event arrives
+            extra = await chat.received.receive()
+            pytest.fail(f"a redelivery became a second event: {extra}")
+    async with open_broker() as broker:  # everything, redeliveries included, was acked
+        assert await broker.ready(names.queue) == 0
+
+
 async def test_consuming_resumes_after_the_broker_closes_every_connection(
         tmp_path: Path) -> None:
     names = Names.make()
