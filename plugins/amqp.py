@@ -149,12 +149,9 @@ class AmqpTransport:
         self._first_attempt = trio.Event()
         self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
         self._inflight: dict[str, list[tuple[Consumer, int]]] = {}
-        tls = settings
         self._tls = TlsOptions(
-            ca_file=str(tls.tls_ca_file) if tls.tls_ca_file else None,
-            cert_file=str(tls.tls_cert_file) if tls.tls_cert_file else None,
-            key_file=str(tls.tls_key_file) if tls.tls_key_file else None,
-            verify=tls.tls_verify)
+            ca_file=_path(settings.tls_ca_file), cert_file=_path(settings.tls_cert_file),
+            key_file=_path(settings.tls_key_file), verify=settings.tls_verify)
 
     @property
     def ctx(self) -> TransportContext:
@@ -183,9 +180,10 @@ class AmqpTransport:
             async with open_island(self.name, close_timeout=self.settings.close_timeout_s
                                    ) as island, trio.open_nursery() as nursery:
                 nursery.start_soon(self._connect_forever, island)
-                # Start serving once the first connection attempt is over, either way: the
-                # outbox takes deliveries while the broker is away.
-                await self._first_attempt.wait()
+                # Start serving once the first connection attempt is over, either way (the
+                # outbox takes deliveries while the broker is away), and within a bound.
+                with trio.move_on_after(self.settings.connect_timeout_s + 2):
+                    await self._first_attempt.wait()
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -469,6 +467,10 @@ class AmqpTransport:
             del self._seen[next(iter(self._seen))]
         for consumer, tag in waiting:
             consumer.ack(tag)
+
+
+def _path(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> Exception:

@@ -180,7 +180,8 @@ class Island:
             state.raise_cancel = raise_cancel
             try:
                 self.post(cancel)
-            except IslandClosed:
+            except IslandClosed:  # nothing runs any more: give up on the result
+                state.resumed = True
                 return trio.lowlevel.Abort.SUCCEEDED
             return trio.lowlevel.Abort.FAILED
 
@@ -538,41 +539,64 @@ class Publisher:
     """Publishes with confirms and a bounded window of unconfirmed messages.
 
     :meth:`publish` waits for free window slots, hands the messages to the asyncio side in
-    one batch and returns; :meth:`confirms` yields the broker's answers (in publish order,
-    batched), and a window slot is released only when its answer is taken from there.
+    one batch and returns; :meth:`confirms` returns the broker's answers (batched, in the
+    order they arrive), and a window slot is released only when its answer is taken there.
     """
 
-    def __init__(self, island: Island, channel: aiormq.Channel, window: int
-                 ) -> None:
+    def __init__(self, island: Island, channel: aiormq.Channel, window: int) -> None:
         self.island = island
         self._raw = channel
-        self._window = trio.Semaphore(window)
-        self._send, self._receive = trio.open_memory_channel[Confirm](window)
+        self._window = window
+        self._unconfirmed = 0  # handed to asyncio, answer not yet taken by confirms()
+        self._answers: list[Confirm] = []  # trio side: arrived, not yet taken
+        self._space = trio.lowlevel.ParkingLot()  # publish() waiting for window slots
+        self._arrived = trio.lowlevel.ParkingLot()  # confirms() waiting for answers
+        # asyncio side
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._done: list[Confirm] = []
+        self._flush_scheduled = False
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         """Send ``messages`` in order. Returns once all are handed to the asyncio side."""
+        await trio.lowlevel.checkpoint()
         i = 0
         while i < len(messages):
-            await self._window.acquire()
-            n = 1
-            while i + n < len(messages):
-                try:
-                    self._window.acquire_nowait()
-                except trio.WouldBlock:
-                    break
-                n += 1
-            self.island.post(partial(self._publish_aio, messages[i:i + n]))
-            i += n
+            free = self._window - self._unconfirmed
+            if free <= 0:
+                await self._space.park()
+                continue
+            chunk = messages[i:i + free]
+            self._unconfirmed += len(chunk)
+            self.island.post(partial(self._publish_aio, chunk))
+            i += len(chunk)
+
+    async def confirms(self) -> list[Confirm]:
+        """The next confirmations (at least one). Releases one window slot per item."""
+        if self._answers:
+            await trio.lowlevel.checkpoint()
+        while not self._answers:
+            await self._arrived.park()
+        batch, self._answers = self._answers, []
+        self._unconfirmed -= len(batch)
+        self._space.unpark_all()
+        return batch
+
+    def _arrive(self, batch: list[Confirm]) -> None:  # trio thread
+        self._answers.extend(batch)
+        self._arrived.unpark_all()
 
     def _publish_aio(self, batch: Sequence[Outgoing]) -> None:  # asyncio thread
         publish = self._raw.basic_publish
+        loop = self.island.loop
         for m in batch:
-            self.island.spawn(
-                partial(publish, m.body, exchange=m.exchange, routing_key=m.routing_key,
-                        properties=m.properties.to_pamqp(), wait=False),
-                "publish", partial(self._done_aio, m.token))
+            task = loop.create_task(publish(
+                m.body, exchange=m.exchange, routing_key=m.routing_key,
+                properties=m.properties.to_pamqp(), wait=False))
+            self._tasks.add(task)  # asyncio holds tasks weakly
+            task.add_done_callback(partial(self._done_aio, m.token))
 
     def _done_aio(self, token: Any, task: asyncio.Future[Any]) -> None:  # asyncio thread
+        self._tasks.discard(task)
         if task.cancelled():
             confirm = Confirm(token, False, "cancelled")
         elif (exc := task.exception()) is not None:
@@ -581,20 +605,15 @@ class Publisher:
             result = task.result()
             ok = result is None or isinstance(result, spec.Basic.Ack)
             confirm = Confirm(token, ok, "" if ok else f"broker answered {result!r}")
-        self.island.to_trio(partial(self._send.send_nowait, confirm))
+        self._done.append(confirm)
+        if not self._flush_scheduled:  # one hand-off per loop turn
+            self._flush_scheduled = True
+            self.island.loop.call_soon(self._flush_aio)
 
-    async def confirms(self) -> list[Confirm]:
-        """The next confirmations (at least one), oldest first. Releases one window slot
-        per item returned."""
-        batch = [await self._receive.receive()]
-        while True:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                break
-        for _ in batch:
-            self._window.release()
-        return batch
+    def _flush_aio(self) -> None:  # asyncio thread
+        self._flush_scheduled = False
+        batch, self._done = self._done, []
+        self.island.to_trio(partial(self._arrive, batch))
 
 
 # --------------------------------------------------------------------------- consumer
