@@ -27,6 +27,7 @@ layer, directly: the benchmark (bench/seam.py) shows what that buys.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -40,6 +41,7 @@ import aio_pika
 import aiormq
 import outcome
 import trio
+from aio_pika.connection import make_url
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
@@ -47,6 +49,9 @@ from yarl import URL
 log = logging.getLogger("bridge.amqp.seam")
 
 T = TypeVar("T")
+
+#: Longest wait before results are handed to the other thread when a batch is not full.
+FLUSH_DELAY_S = 0.0005
 
 
 class IslandClosed(RuntimeError):
@@ -390,8 +395,15 @@ class Connection:
         self = cls(island)
 
         async def connect() -> aio_pika.abc.AbstractConnection:
-            conn = await aio_pika.connect(parsed, timeout=timeout_s, ssl_context=ssl_context)
+            conn = aio_pika.Connection(make_url(parsed), ssl_context=ssl_context)
             conn.close_callbacks.add(self._on_close_aio)  # before anything else can happen
+            try:
+                await conn.connect(timeout=timeout_s)
+            except BaseException:
+                # Closed here, on the loop: an unclosed aio-pika connection schedules its own
+                # close from __del__, which may run on another thread (without a loop).
+                await conn.close()
+                raise
             return conn
 
         self._conn = await island.call(connect)
@@ -538,31 +550,38 @@ def _describe(exc: BaseException | None) -> str:
 class Publisher:
     """Publishes with confirms and a bounded window of unconfirmed messages.
 
-    :meth:`publish` waits for free window slots, hands the messages to the asyncio side in
-    one batch and returns; :meth:`confirms` returns the broker's answers (batched, in the
-    order they arrive), and a window slot is released only when its answer is taken there.
+    The asyncio side keeps at most ``window`` publishes unconfirmed at the broker and
+    refills the window by itself as confirms arrive; up to another ``window`` messages wait
+    on the asyncio side for a slot, so the two threads trade messages and confirms in
+    batches rather than one by one. :meth:`publish` waits while ``2 * window`` messages are
+    handed over and not yet answered, hands the messages over in one batch and returns;
+    :meth:`confirms` returns the broker's answers (batched, in order), and a message stops
+    counting only when its answer is taken there.
     """
 
     def __init__(self, island: Island, channel: aiormq.Channel, window: int) -> None:
         self.island = island
         self._raw = channel
         self._window = window
+        self._limit = 2 * window
+        self._batch = max(window // 4, 1)  # messages or confirms per hand-off, when busy
         self._unconfirmed = 0  # handed to asyncio, answer not yet taken by confirms()
         self._answers: list[Confirm] = []  # trio side: arrived, not yet taken
         self._space = trio.lowlevel.ParkingLot()  # publish() waiting for window slots
         self._arrived = trio.lowlevel.ParkingLot()  # confirms() waiting for answers
         # asyncio side
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._waiting: collections.deque[Outgoing] = collections.deque()
         self._done: list[Confirm] = []
-        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         """Send ``messages`` in order. Returns once all are handed to the asyncio side."""
         await trio.lowlevel.checkpoint()
         i = 0
         while i < len(messages):
-            free = self._window - self._unconfirmed
-            if free <= 0:
+            free = self._limit - self._unconfirmed
+            if free < min(len(messages) - i, self._batch):  # hand over in batches
                 await self._space.park()
                 continue
             chunk = messages[i:i + free]
@@ -586,9 +605,14 @@ class Publisher:
         self._arrived.unpark_all()
 
     def _publish_aio(self, batch: Sequence[Outgoing]) -> None:  # asyncio thread
+        self._waiting.extend(batch)
+        self._pump_aio()
+
+    def _pump_aio(self) -> None:  # asyncio thread: fill the window
         publish = self._raw.basic_publish
         loop = self.island.loop
-        for m in batch:
+        while self._waiting and len(self._tasks) < self._window:
+            m = self._waiting.popleft()
             task = loop.create_task(publish(
                 m.body, exchange=m.exchange, routing_key=m.routing_key,
                 properties=m.properties.to_pamqp(), wait=False))
@@ -606,14 +630,21 @@ class Publisher:
             ok = result is None or isinstance(result, spec.Basic.Ack)
             confirm = Confirm(token, ok, "" if ok else f"broker answered {result!r}")
         self._done.append(confirm)
-        if not self._flush_scheduled:  # one hand-off per loop turn
-            self._flush_scheduled = True
-            self.island.loop.call_soon(self._flush_aio)
+        self._pump_aio()
+        # Hand confirms over in batches: at once when a batch is full, else a moment later
+        # (each thread hand-off costs far more than the wait).
+        if len(self._done) >= self._batch:
+            self._flush_aio()
+        elif self._flush_timer is None:
+            self._flush_timer = self.island.loop.call_later(FLUSH_DELAY_S, self._flush_aio)
 
     def _flush_aio(self) -> None:  # asyncio thread
-        self._flush_scheduled = False
-        batch, self._done = self._done, []
-        self.island.to_trio(partial(self._arrive, batch))
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._done:
+            batch, self._done = self._done, []
+            self.island.to_trio(partial(self._arrive, batch))
 
 
 # --------------------------------------------------------------------------- consumer
