@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -262,6 +263,26 @@ async def test_chat_events_are_published_with_key_id_and_persistence(tmp_path: P
         assert d.headers["x-bridge-hops"] == 1
         assert d.headers["x-bridge-chat-id"] == "room.1"
         assert json.loads(d.body) == outcome.message.body
+
+
+async def test_drain_publishes_the_outbox_before_exit(tmp_path: Path) -> None:
+    names = Names.make()
+    n = 300
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+            chat = chat_of(daemon)
+            for i in range(n):
+                await chat.inject(update(f"m{i}"), chat_id="c", wait=False)
+        # run_bridge drained on exit: everything accepted was published before it returned
+        assert await broker.ready(names.archive) == n
+        got = await broker.read(names.archive, n)
+    assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
+    db = sqlite3.connect(tmp_path / "state" / "amqp" / "outbox.sqlite3")
+    try:
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    finally:
+        db.close()
 
 
 async def test_a_chat_event_without_chat_id_fails_cleanly(tmp_path: Path) -> None:
