@@ -218,7 +218,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                   f" {result['cpu_us_per_msg']:6.0f} us CPU/msg", flush=True)
 
     def med(config: str, key: str) -> float:
-        return statistics.median(x[key] for x in runs[config])
+        return float(statistics.median(x[key] for x in runs[config]))
 
     summary: dict[str, Any] = {}
     for config in CONFIGS:

@@ -460,7 +460,9 @@ class AmqpTransport:
         if not mid:
             return
         waiting = self._inflight.pop(mid, [])
-        if not final:
+        if not final:  # the first copy stays unsettled: let the held copies be handled
+            for consumer, tag in waiting:
+                consumer.requeue(tag)
             return
         self._seen[mid] = None
         if len(self._seen) > self.settings.dedupe_window:

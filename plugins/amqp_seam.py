@@ -708,6 +708,21 @@ class Consumer:
         except IslandClosed:
             log.debug("ack of %d dropped: the island is closed", tag)
 
+    def requeue(self, tag: int) -> None:
+        """Hand delivery ``tag`` back to the broker (``basic.reject`` with requeue), which
+        delivers it again."""
+        try:
+            self.island.post(partial(self._requeue_aio, tag))
+        except IslandClosed:
+            log.debug("requeue of %d dropped: the island is closed", tag)
+
+    def _requeue_aio(self, tag: int) -> None:  # asyncio thread
+        if tag in self._unacked and not self._raw.is_closed:
+            del self._unacked[tag]
+            self._ready.discard(tag)
+            self._track(self.island.spawn(
+                partial(self._raw.basic_reject, tag, requeue=True, wait=False), "basic.reject"))
+
     def dead_letter(self, tag: int, queue: str, body: bytes, properties: Properties,
                     on_done: Callable[[bool], None]) -> None:
         """Publish ``body`` to ``queue`` (default exchange), wait for the broker's confirm,

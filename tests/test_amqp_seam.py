@@ -167,6 +167,24 @@ async def test_consumer_prefetch_and_acks_in_any_order() -> None:
         await broker.conn.queue_delete(names.queue)
 
 
+async def test_requeue_hands_a_delivery_back() -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue])
+        await broker.publish(names.queue, b"again", message_id="r1")
+        consumer = await broker.conn.open_consumer(names.queue, 5)
+        with trio.fail_after(5):
+            (first,) = await consumer.receive()
+            consumer.requeue(first.tag)
+            (second,) = await consumer.receive()
+        assert (first.redelivered, second.redelivered) == (False, True)
+        assert second.message_id == "r1"
+        consumer.ack(second.tag)
+        await broker.conn.close()  # flushes the ack
+    async with open_broker() as broker:
+        assert await broker.ready(names.queue) == 0
+
+
 async def test_dead_letter_is_confirmed_before_the_ack() -> None:
     names = Names.make()
     async with open_broker() as broker:
