@@ -118,7 +118,6 @@ async def test_notification_reaches_the_chat_and_is_acked(tmp_path: Path) -> Non
                                     "timestamp": "2026-01-02T03:04:05Z"})
             await broker.publish(names.queue, packed, content_type="application/msgpack")
             first, second = await received(chat_of(daemon), 2)
-        assert broker is not None
         assert (first.kind, first.source, first.id, first.hops) == (NOTIFICATION, "amqp",
                                                                      "n-1", 0)
         assert first.body["userId"] == "user-1"
