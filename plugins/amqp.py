@@ -1,1 +1,502 @@
-"""Built-in plugin `amqp` (being built; see its issue)."""
+"""The AMQP transport (RabbitMQ): ``[transports.X] type = "amqp"``.
+
+Inbound, it consumes one durable queue with manual acknowledgements: each delivery is
+decoded (by its content type), submitted to the pipeline, and acknowledged once the
+pipeline has settled it; a delivery that cannot be decoded or is rejected is published to
+the dead-letter queue with the reason in its headers and then acknowledged. Outbound,
+``deliver`` writes messages to an on-disk spool and returns; a publisher task drains the
+spool in order to the exchange, with publisher confirms, and removes what is confirmed.
+
+The broker connection lives on an asyncio thread behind ``bridge_plugins.amqp_seam``. See
+docs/amqp.md for settings, topology, delivery guarantees and failure behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from bridge import (
+    Accepted,
+    DecodeError,
+    DeliveryError,
+    Health,
+    Message,
+    Outcome,
+    Rejected,
+    Secret,
+    TransportContext,
+    TransportType,
+    hookimpl,
+    setting,
+)
+
+from .amqp_seam import (
+    Connection,
+    ConnectionLost,
+    Consumer,
+    Delivery,
+    Island,
+    Outgoing,
+    Properties,
+    Publisher,
+    PublishFailed,
+    TlsOptions,
+    open_island,
+)
+from .amqp_spool import Entry, Spool
+
+log = logging.getLogger("bridge.amqp")
+
+HOPS_HEADER = "x-bridge-hops"
+CHAT_ID_HEADER = "x-bridge-chat-id"
+KIND_HEADER = "x-bridge-kind"
+_TEMPLATE_FIELDS = frozenset({"chat_id", "kind", "source"})
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _amqp_url(v: str) -> str | None:
+    scheme = urlsplit(v).scheme
+    return None if scheme in ("amqp", "amqps") else "must be an amqp:// or amqps:// URL"
+
+
+def _template(v: str) -> str | None:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+    except ValueError as e:
+        return f"is not a valid template: {e}"
+    unknown = names - _TEMPLATE_FIELDS
+    if unknown:
+        return (f"unknown placeholder {{{sorted(unknown)[0]}}};"
+                f" use {', '.join('{' + f + '}' for f in sorted(_TEMPLATE_FIELDS))}")
+    return None
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    url: Secret = setting(Secret("amqp://guest:guest@127.0.0.1:5672/"), check=_amqp_url,
+                          doc="broker URL; url_file / url_env / url_credential keep the"
+                              " password out of the config")
+    consume_queue: str = setting("notifications",
+                                 doc="durable queue consumed; empty: do not consume")
+    consume_kind: str = setting("notification", doc="message kind of what is consumed")
+    dead_letter_queue: str = setting("notifications.dead",
+                                     doc="durable queue for what cannot be handled")
+    exchange: str = setting("chat", doc="durable exchange that deliveries are published to")
+    exchange_type: Literal["topic", "direct", "fanout", "headers"] = setting("topic")
+    routing_key: str = setting("chat.{chat_id}", check=_template,
+                               doc="routing key template: {chat_id}, {kind}, {source}")
+    bind_consume_queue_to_exchange: tuple[str, ...] = setting(
+        (), doc="binding keys from the exchange to the consumed queue (a loopback)")
+    prefetch: int = setting(256, check=_positive, doc="unacknowledged deliveries at most")
+    publish_window: int = setting(256, check=_positive, doc="unconfirmed publishes at most")
+    heartbeat_s: int = setting(30, check=_not_negative, doc="AMQP heartbeat; 0 disables")
+    connect_timeout_s: float = setting(10.0, check=_positive)
+    close_timeout_s: float = setting(5.0, check=_positive, doc="bound on closing")
+    reconnect_initial_s: float = setting(0.5, check=_positive, doc="first retry delay")
+    reconnect_max_s: float = setting(30.0, check=_positive, doc="longest retry delay")
+    dedupe_window: int = setting(65536, check=_positive,
+                                 doc="message ids remembered to drop redeliveries")
+    max_spool_messages: int = setting(1_000_000, check=_positive,
+                                      doc="outbox size at most; beyond it delivery fails")
+    spool_sync: Literal["full", "normal"] = setting(
+        "full", doc="full: every spool commit is fsynced (survives power loss)")
+    tls_ca_file: Path | None = setting(None, doc="CA bundle for amqps (default: system)")
+    tls_cert_file: Path | None = setting(None, doc="client certificate for amqps")
+    tls_key_file: Path | None = setting(None, doc="client key for amqps")
+    tls_verify: bool = setting(True, doc="verify the broker's certificate and name")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class AmqpTransport:
+    def __init__(self, name: str, settings: AmqpSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._ctx: TransportContext | None = None
+        self._spool: Spool | None = None
+        self._accepting = True
+        self._connected = False
+        self._established = False
+        self._consumer: Consumer | None = None
+        self._last_error = "not connected yet"
+        self._changed = trio.Event()  # fired on spool and connection changes
+        self._spool_grown = trio.Event()
+        self._first_attempt = trio.Event()
+        self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
+        self._inflight: dict[str, list[tuple[Consumer, int]]] = {}
+        self._tls = TlsOptions(
+            ca_file=_path(settings.tls_ca_file), cert_file=_path(settings.tls_cert_file),
+            key_file=_path(settings.tls_key_file), verify=settings.tls_verify)
+
+    @property
+    def ctx(self) -> TransportContext:
+        if self._ctx is None:
+            raise RuntimeError(f"transport {self.name} is not running")
+        return self._ctx
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            raise RuntimeError(f"transport {self.name} is not running")
+        return self._spool
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, ctx: TransportContext, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
+        self._spool = await Spool.open(ctx.state_dir / "outbox.sqlite3",
+                                       max_messages=self.settings.max_spool_messages,
+                                       synchronous=self.settings.spool_sync)
+        if self._spool.depth:
+            log.info("%s: %d messages wait in the outbox", self.name, self._spool.depth)
+        ctx.gauge("spool_depth", self._spool.depth)
+        try:
+            async with open_island(self.name, close_timeout=self.settings.close_timeout_s
+                                   ) as island, trio.open_nursery() as nursery:
+                nursery.start_soon(self._connect_forever, island)
+                # Start serving once the first connection attempt is over, either way (the
+                # outbox takes deliveries while the broker is away), and within a bound.
+                with trio.move_on_after(self.settings.connect_timeout_s + 2):
+                    await self._first_attempt.wait()
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._spool.close()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+        if self._consumer is not None:
+            self._consumer.cancel()
+        self._fire()
+
+    async def drain(self) -> None:
+        """Wait for the consumer's cancellation, and publish what is spooled while the
+        broker is reachable; the rest stays on disk for the next start."""
+        consumer = self._consumer
+        if consumer is not None and consumer.stopped:
+            with trio.move_on_after(self.settings.close_timeout_s):
+                await consumer.cancel_done.wait()
+        while self._connected and self.spool.depth > 0:
+            await self._changed.wait()
+
+    def health(self) -> Health:
+        if self._ctx is None:
+            return Health(False, "not started")
+        if not self._connected:
+            return Health(False, f"not connected to the broker: {self._last_error}")
+        if self.settings.consume_queue:
+            if not self._accepting:
+                return Health(False, "stopped consuming (shutting down)")
+            if self._consumer is None:
+                return Health(False, f"connected but not consuming {self.settings.consume_queue}")
+        return Health(True)
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of the connection or the spool (for tools and tests)."""
+        await self._changed.wait()
+
+    @property
+    def spool_depth(self) -> int:
+        """Messages waiting in the outbox (published but unconfirmed ones included)."""
+        return self.spool.depth
+
+    def _fire(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect_forever(self, island: Island) -> None:
+        s = self.settings
+        delay = s.reconnect_initial_s
+        attempt = 0
+        while True:
+            if attempt:
+                self.ctx.count("amqp_reconnects_total")
+            attempt += 1
+            self._established = False
+            try:
+                await self._session(island)
+            except* Exception as group:  # aiormq, aio-pika and OS errors share no base
+                self._lost(group)
+            self._first_attempt.set()
+            if self._established:
+                delay = s.reconnect_initial_s
+            pause = min(delay, s.reconnect_max_s) * random.uniform(0.5, 1.0)
+            delay = min(delay * 2, s.reconnect_max_s)
+            log.info("%s: reconnecting in %.2f s", self.name, pause)
+            await trio.sleep(pause)
+
+    def _lost(self, group: BaseExceptionGroup[Exception]) -> None:
+        exc = _first(group)
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("%s: broker connection lost: %s", self.name, self._last_error)
+
+    async def _session(self, island: Island) -> None:
+        """One connection's life: declare, publish, consume; raises once it is lost."""
+        s = self.settings
+        with trio.fail_after(s.connect_timeout_s + 1):
+            conn = await Connection.open(island, s.url, heartbeat_s=s.heartbeat_s,
+                                         timeout_s=s.connect_timeout_s, tls=self._tls,
+                                         name=f"bridged {self.name}")
+        try:
+            await self._declare(conn)
+            publisher = await conn.open_publisher(s.publish_window)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.wait_lost)
+                nursery.start_soon(self._publish, publisher)
+                if s.consume_queue and self._accepting:
+                    consumer = await conn.open_consumer(s.consume_queue, s.prefetch)
+                    nursery.start_soon(self._consume, consumer)
+                    self._consumer = consumer
+                self._connected = self._established = True
+                self._first_attempt.set()
+                self._fire()
+                log.info("%s: connected to %s%s", self.name, redact(s.url),
+                         f", consuming {s.consume_queue}" if self._consumer else "")
+        finally:
+            self._connected = False
+            self._consumer = None
+            self._fire()
+            await conn.close(s.close_timeout_s)
+
+    async def _declare(self, conn: Connection) -> None:
+        s = self.settings
+        queues = [q for q in (s.consume_queue, s.dead_letter_queue) if q]
+        exchanges = [(s.exchange, s.exchange_type)] if s.exchange else []
+        bindings = ([(s.consume_queue, s.exchange, key)
+                     for key in s.bind_consume_queue_to_exchange]
+                    if s.consume_queue and s.exchange else [])
+        await conn.declare(queues=queues, exchanges=exchanges, bindings=bindings)
+
+    # ------------------------------------------------------------------ publishing
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        entries = [self._entry(m) for m in messages]
+        await self.spool.append(entries)
+        self.ctx.gauge("spool_depth", self.spool.depth)
+        self._spool_grown.set()
+        self._spool_grown = trio.Event()
+        self._fire()
+
+    def _entry(self, message: Message) -> Entry:
+        s = self.settings
+        if message.chat_id is None and "{chat_id}" in s.routing_key:
+            raise DeliveryError(f"{self.name}: message {message.id or '-'} has no chat id"
+                                f" for the routing key {s.routing_key!r}")
+        key = s.routing_key.format(chat_id=message.chat_id or "", kind=message.kind,
+                                   source=message.source)
+        codec = self.ctx.codec("application/json")
+        headers: dict[str, Any] = {HOPS_HEADER: message.hops + 1, KIND_HEADER: message.kind}
+        if message.chat_id is not None:
+            headers[CHAT_ID_HEADER] = message.chat_id
+        return Entry(s.exchange, key, codec.content_type, message.id, headers,
+                     codec.encode(message.body))
+
+    async def _publish(self, publisher: Publisher) -> None:
+        """Drain the spool in order; everything unconfirmed is re-sent on a new connection."""
+        cursor = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._confirm, publisher)
+            while True:
+                grown = self._spool_grown
+                entries = await self.spool.read(cursor, self.settings.publish_window)
+                if not entries:
+                    await grown.wait()
+                    continue
+                cursor = entries[-1].seq
+                await publisher.publish([
+                    Outgoing(e.exchange, e.routing_key, e.body,
+                             Properties(e.content_type, e.message_id, True, e.headers), e.seq)
+                    for e in entries])
+
+    async def _confirm(self, publisher: Publisher) -> None:
+        while True:
+            confirms = await publisher.confirms()
+            done: list[int] = []
+            failed = None
+            for c in confirms:
+                if not c.ok:
+                    failed = c
+                    break
+                done.append(c.token)
+            if done:
+                await self.spool.remove(done)
+                self.ctx.count("published_total", len(done))
+                self.ctx.gauge("spool_depth", self.spool.depth)
+                self._fire()
+            if failed is not None:
+                raise PublishFailed(f"publish of outbox entry {failed.token} failed:"
+                                    f" {failed.reason}")
+
+    # ------------------------------------------------------------------ consuming
+
+    async def _consume(self, consumer: Consumer) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_cancel, consumer)
+            while self._accepting:
+                for delivery in await consumer.receive():
+                    if not self._accepting:
+                        return  # left unacknowledged: the broker redelivers them
+                    await self._handle(consumer, delivery)
+
+    async def _watch_cancel(self, consumer: Consumer) -> None:
+        await consumer.cancelled.wait()
+        if self._accepting:  # the broker cancelled us (queue deleted): start over
+            raise ConnectionLost(f"the broker cancelled the consumer of"
+                                 f" {self.settings.consume_queue}")
+
+    async def _handle(self, consumer: Consumer, d: Delivery) -> None:
+        mid = d.message_id
+        if mid:
+            if mid in self._seen:
+                self._duplicate()
+                consumer.ack(d.tag)
+                return
+            waiting = self._inflight.get(mid)
+            if waiting is not None:  # a redelivery of what is still in the pipeline
+                self._duplicate()
+                waiting.append((consumer, d.tag))
+                return
+        try:
+            message = self._decode(d)
+        except DecodeError as e:
+            self._dead_letter(consumer, d, "DecodeError", str(e))
+            return
+        if mid:
+            self._inflight[mid] = []
+        await self.ctx.submit(message, partial(self._settle, consumer, d))
+
+    def _duplicate(self) -> None:
+        self.ctx.count("duplicates_total")
+        self._fire()
+
+    def _decode(self, d: Delivery) -> Message:
+        content_type = d.content_type or "application/json"
+        try:
+            codec = self.ctx.codec(content_type)
+        except KeyError:
+            raise DecodeError(f"unsupported content type {content_type!r}") from None
+        body = codec.decode(d.body)
+        if not isinstance(body, dict):
+            raise DecodeError(f"the body must be an object, not {type(body).__name__}")
+        hops = d.headers.get(HOPS_HEADER, 0)
+        if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
+            raise DecodeError(f"header {HOPS_HEADER} must be a non-negative integer")
+        chat_id = d.headers.get(CHAT_ID_HEADER)
+        meta = {"content_type": content_type, "routing_key": d.routing_key,
+                "exchange": d.exchange, "redelivered": d.redelivered}
+        return Message(self.settings.consume_kind, body, self.name, d.message_id,
+                       chat_id if isinstance(chat_id, str) else None, hops, meta)
+
+    def _settle(self, consumer: Consumer, d: Delivery, outcome: Outcome) -> None:
+        """The pipeline is done with delivery ``d``: ack it, or dead-letter then ack it."""
+        if isinstance(outcome, Accepted):
+            consumer.ack(d.tag)
+            self._handled(d.message_id, True)
+            return
+        if isinstance(outcome, Rejected):
+            self._dead_letter(consumer, d, type(outcome.error).__name__, outcome.reason)
+        else:
+            self._dead_letter(consumer, d, "Failed", outcome.reason)
+
+    def _dead_letter(self, consumer: Consumer, d: Delivery, reason: str, error: str) -> None:
+        s = self.settings
+        log.info("%s: dead-lettering delivery %s (%s): %s", self.name, d.message_id or "-",
+                 reason, error)
+        headers = {k: v for k, v in d.headers.items() if isinstance(k, str)}
+        headers.update({
+            "x-bridge-reason": reason,
+            "x-bridge-error": error[:1000],
+            "x-bridge-transport": self.name,
+            "x-bridge-original-queue": s.consume_queue,
+            "x-bridge-original-exchange": d.exchange,
+            "x-bridge-original-routing-key": d.routing_key,
+        })
+        props = Properties(d.content_type, d.message_id, True, headers)
+        ctx = self.ctx
+
+        def done(ok: bool) -> None:
+            if ok:
+                ctx.count("dead_letters_total", reason=reason)
+            self._handled(d.message_id, ok)
+
+        if s.dead_letter_queue:
+            consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+        else:
+            log.warning("%s: no dead_letter_queue set; dropping delivery %s", self.name,
+                        d.message_id or "-")
+            consumer.ack(d.tag)
+            done(True)
+
+    def _handled(self, mid: str, final: bool) -> None:
+        """Delivery with id ``mid`` is acknowledged (``final``) or left for redelivery."""
+        if not mid:
+            return
+        waiting = self._inflight.pop(mid, [])
+        if not final:  # the first copy stays unsettled: let the held copies be handled
+            for consumer, tag in waiting:
+                consumer.requeue(tag)
+            return
+        self._seen[mid] = None
+        if len(self._seen) > self.settings.dedupe_window:
+            del self._seen[next(iter(self._seen))]
+        for consumer, tag in waiting:
+            consumer.ack(tag)
+
+
+def _path(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, Exception)
+    return exc
+
+
+def _create(name: str, settings: Any) -> AmqpTransport:
+    return AmqpTransport(name, settings)
+
+
+def _reflects(settings: Any) -> bool:
+    return bool(settings.consume_queue and settings.bind_consume_queue_to_exchange)
+
+
+TRANSPORT = TransportType("amqp", AmqpSettings, _create, reflects=_reflects)
+
+
+@hookimpl
+def bridge_register_transports(register: Callable[[TransportType], None]) -> None:
+    register(TRANSPORT)
+
+
+__all__ = ["AmqpSettings", "AmqpTransport", "redact"]

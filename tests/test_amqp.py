@@ -1,0 +1,457 @@
+"""The AMQP transport against the real RabbitMQ: consume, publish, dead letters, reconnects,
+the outbox across an unreachable broker, a crash and a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import msgpack
+import pytest
+import trio
+import trustme
+from amqp_support import (
+    Names,
+    Proxy,
+    amqp_table,
+    bodies,
+    broker_url,
+    close_all_connections,
+    notification,
+    open_broker,
+    update,
+)
+
+from bridge import (
+    CHAT_EVENT,
+    NOTIFICATION,
+    Accepted,
+    ConfigError,
+    ContractError,
+    Failed,
+    Message,
+    hookimpl,
+)
+from bridge.config import load_config
+from bridge.daemon import Daemon
+from bridge.testing import run_bridge, write_config
+from bridge_plugins.amqp import AmqpTransport, redact
+from bridge_plugins.memory import MemoryTransport
+
+HEAD = "[daemon]\nhop_limit = 4\ndrain_timeout_s = 5\n[admin]\nenabled = false\n"
+
+
+class Hooks:
+    """Test-only hooks: a contract check on notifications and a store that fails on cue."""
+
+    @hookimpl
+    def bridge_validate_message(self, message: Message, stage: str) -> None:
+        if message.kind == NOTIFICATION and not isinstance(message.body.get("userId"), str):
+            raise ContractError("userId: must be a string", field="userId", rule="type")
+
+    @hookimpl
+    def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        if any(m.body.get("message") == "explode" for m in messages):
+            raise RuntimeError("the store is on fire")
+
+
+def config(tmp_path: Path, names: Names, url: str, *, amqp: dict[str, Any] | None = None,
+           routes: str = "", state: str = "state") -> Path:
+    text = (HEAD.replace("[daemon]\n", f'[daemon]\nstate_dir = "{(tmp_path / state).as_posix()}"\n')
+            + amqp_table("amqp", names, url, **(amqp or {}))
+            + '[transports.chat]\ntype = "memory"\n' + routes)
+    return write_config(tmp_path, text, name=f"{state}.toml")
+
+
+TO_CHAT = '[[routes]]\nname = "notify"\nfrom = "amqp"\nto = ["chat"]\n'
+TO_AMQP = '[[routes]]\nname = "archive"\nfrom = "chat"\nto = ["amqp"]\n'
+
+
+def amqp_of(daemon: Daemon) -> AmqpTransport:
+    return cast(AmqpTransport, daemon.transports["amqp"])
+
+
+def chat_of(daemon: Daemon) -> MemoryTransport:
+    return cast(MemoryTransport, daemon.transports["chat"])
+
+
+async def until(transport: AmqpTransport, predicate: Callable[[], bool],
+                within: float = 10.0) -> None:
+    with trio.fail_after(within):
+        while not predicate():
+            await transport.wait_changed()
+
+
+async def received(chat: MemoryTransport, n: int, within: float = 10.0) -> list[Message]:
+    out = []
+    with trio.fail_after(within):
+        for _ in range(n):
+            out.append(await chat.received.receive())
+    return out
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    value = daemon.metrics.registry.get_sample_value(f"bridged_{name}",
+                                                     {"transport": "amqp", **labels})
+    return value or 0.0
+
+
+# --------------------------------------------------------------------------- consuming
+
+
+async def test_notification_reaches_the_chat_and_is_acked(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+            amqp = amqp_of(daemon)
+            assert amqp.health().ready, amqp.health().detail
+            await broker.publish(names.queue, notification("user-1", "your visit is at 10"),
+                                 message_id="n-1")
+            packed = msgpack.packb({"userId": "user-2", "message": "packed",
+                                    "timestamp": "2026-01-02T03:04:05Z"})
+            await broker.publish(names.queue, packed, content_type="application/msgpack")
+            first, second = await received(chat_of(daemon), 2)
+        assert (first.kind, first.source, first.id, first.hops) == (NOTIFICATION, "amqp",
+                                                                     "n-1", 0)
+        assert first.body["userId"] == "user-1"
+        assert first.body["message"] == "your visit is at 10"
+        assert first.meta["routing_key"] == names.queue
+        assert second.body["message"] == "packed"
+        # acknowledged: nothing is left in the queue once the daemon has closed its channel
+        assert await broker.ready(names.queue) == 0
+        assert await broker.ready(names.dead) == 0
+
+
+async def test_bad_notifications_are_dead_lettered_with_reasons(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+        async with run_bridge(cfg, extra_plugins=[Hooks()]) as daemon:
+            await broker.publish(names.queue, b"{not json", message_id="bad-json")
+            await broker.publish(names.queue, b"[1, 2]", message_id="not-object")
+            await broker.publish(names.queue, b"\x93\x01", content_type="text/x-unknown",
+                                 message_id="unknown-type")
+            await broker.publish(names.queue, json.dumps({"message": "no user"}).encode(),
+                                 message_id="no-user")
+            await broker.publish(names.queue, notification("u", "looping"),
+                                 headers={"x-bridge-hops": 9}, message_id="loop")
+            await broker.publish(names.queue, notification("u", "explode"), message_id="boom")
+            await broker.publish(names.queue, notification("u", "fine"), message_id="ok")
+            (good,) = await received(chat_of(daemon), 1)
+            assert good.body["message"] == "fine"
+            dead = await broker.read(names.dead, 6)
+            assert metric(daemon, "dead_letters_total", reason="DecodeError") == 3
+        reasons = {d.message_id: d.headers["x-bridge-reason"] for d in dead}
+        assert reasons == {"bad-json": "DecodeError", "not-object": "DecodeError",
+                           "unknown-type": "DecodeError", "no-user": "ContractError",
+                           "loop": "HopLimitExceeded", "boom": "Failed"}
+        by_id = {d.message_id: d for d in dead}
+        assert "not valid JSON" in by_id["bad-json"].headers["x-bridge-error"]
+        assert "userId" in by_id["no-user"].headers["x-bridge-error"]
+        assert by_id["bad-json"].body == b"{not json"  # the original body, untouched
+        assert by_id["loop"].headers["x-bridge-original-queue"] == names.queue
+        assert by_id["loop"].headers["x-bridge-original-routing-key"] == names.queue
+        assert by_id["boom"].delivery_mode == 2
+        assert await broker.ready(names.queue) == 0  # every original was acknowledged
+        assert await broker.ready(names.dead) == 0
+
+
+async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+            for text in ("once", "once again", "twice"):
+                await broker.publish(names.queue, notification("u", text),
+                                     message_id="same" if text != "twice" else "other")
+            got = await received(chat_of(daemon), 2)
+            assert [m.body["message"] for m in got] == ["once", "twice"]
+            with trio.move_on_after(0.3):  # nothing more arrives
+                extra = await chat_of(daemon).received.receive()
+                pytest.fail(f"duplicate delivered: {extra}")
+            assert metric(daemon, "duplicates_total") == 1
+        assert await broker.ready(names.queue) == 0
+
+
+class Gate:
+    """A store that holds every batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.open = trio.Event()
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.entered.set()
+        await self.open.wait()
+
+
+async def test_redeliveries_after_a_reconnect_are_not_second_events(tmp_path: Path) -> None:
+    names = Names.make()
+    gate = Gate()
+    cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+    async with run_bridge(cfg, extra_plugins=[gate]) as daemon:
+        amqp, chat = amqp_of(daemon), chat_of(daemon)
+        async with open_broker() as broker:
+            for text in ("a", "b", "c"):
+                await broker.publish(names.queue, notification("u", text), message_id=text)
+        await gate.entered.wait()  # "a" is in the pipeline, unacknowledged
+        await close_all_connections()  # the broker requeues what was unacknowledged
+        await until(amqp, lambda: not amqp.health().ready, within=3)
+        # the redelivery of "a" arrives while "a" is still in the pipeline: it is held
+        await until(amqp, lambda: metric(daemon, "duplicates_total") >= 1)
+        gate.open.set()
+        got = await received(chat, 3)
+        assert [m.body["message"] for m in got] == ["a", "b", "c"]
+        with trio.move_on_after(0.3):  # part of the test: no second event arrives
+            extra = await chat.received.receive()
+            pytest.fail(f"a redelivery became a second event: {extra}")
+    async with open_broker() as broker:  # everything, redeliveries included, was acked
+        assert await broker.ready(names.queue) == 0
+
+
+async def test_consuming_resumes_after_the_broker_closes_every_connection(
+        tmp_path: Path) -> None:
+    names = Names.make()
+    async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+        amqp = amqp_of(daemon)
+        async with open_broker() as broker:
+            await broker.publish(names.queue, notification("u", "before the close"))
+            (msg,) = await received(chat_of(daemon), 1)
+            assert msg.body["message"] == "before the close"
+        await close_all_connections()
+        # noticed at once through the close callbacks, not after missed heartbeats
+        await until(amqp, lambda: not amqp.health().ready, within=3)
+        async with open_broker() as broker:
+            await broker.publish(names.queue, notification("u", "after the close"))
+            (msg,) = await received(chat_of(daemon), 1)
+            assert msg.body["message"] == "after the close"
+            await until(amqp, lambda: amqp.health().ready)
+            assert (await broker.conn.queue_info(names.queue))[1] == 1  # one consumer: us
+        assert metric(daemon, "amqp_reconnects_total") >= 1
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+async def test_chat_events_are_published_with_key_id_and_persistence(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP,
+                                     amqp={"consume_queue": ""})) as daemon:
+            amqp = amqp_of(daemon)
+            assert amqp.health().ready
+            outcome = await chat_of(daemon).inject(update("hello"), chat_id="room.1",
+                                                   id="00000000000000000001")
+            assert isinstance(outcome, Accepted)
+            (d,) = await broker.read(names.archive, 1)
+            await until(amqp, lambda: amqp.spool_depth == 0)
+            assert metric(daemon, "published_total") == 1
+        assert d.routing_key == "chat.room.1"
+        assert d.exchange == names.exchange
+        assert d.message_id == "00000000000000000001"
+        assert d.delivery_mode == 2
+        assert d.content_type == "application/json"
+        assert d.headers["x-bridge-hops"] == 1
+        assert d.headers["x-bridge-chat-id"] == "room.1"
+        assert json.loads(d.body) == outcome.message.body
+
+
+async def test_drain_publishes_the_outbox_before_exit(tmp_path: Path) -> None:
+    names = Names.make()
+    n = 300
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+            chat = chat_of(daemon)
+            for i in range(n):
+                await chat.inject(update(f"m{i}"), chat_id="c", wait=False)
+        # run_bridge drained on exit: everything accepted was published before it returned
+        assert await broker.ready(names.archive) == n
+        got = await broker.read(names.archive, n)
+    assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
+    db = sqlite3.connect(tmp_path / "state" / "amqp" / "outbox.sqlite3")
+    try:
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    finally:
+        db.close()
+
+
+async def test_a_chat_event_without_chat_id_fails_cleanly(tmp_path: Path) -> None:
+    names = Names.make()
+    async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+        outcome = await chat_of(daemon).inject(update("nowhere"), chat_id=None)
+        assert isinstance(outcome, Failed)
+        ok = await chat_of(daemon).inject(update("somewhere"), chat_id="c")
+        assert isinstance(ok, Accepted)
+
+
+async def test_chat_keeps_working_while_the_broker_is_unreachable(tmp_path: Path) -> None:
+    names = Names.make()
+    n = 60
+    async with open_broker() as broker, trio.open_nursery() as nursery:
+        await broker.bind_archive(names)
+        proxy: Proxy = await nursery.start(Proxy().run)
+        routes = TO_AMQP + '[[routes]]\nname = "echo"\nfrom = "chat"\nto = ["chat"]\n'
+        async with run_bridge(config(tmp_path, names, proxy.url, routes=routes)) as daemon:
+            amqp, chat = amqp_of(daemon), chat_of(daemon)
+            await until(amqp, lambda: amqp.health().ready)
+            proxy.cut()
+            await until(amqp, lambda: not amqp.health().ready, within=3)
+            assert "not connected" in amqp.health().detail
+            for i in range(n):  # the chat works: every message is accepted and echoed
+                outcome = await chat.inject(update(f"m{i}"), chat_id="c1")
+                assert isinstance(outcome, Accepted)
+            echoed = await received(chat, n)
+            assert [m.body["message"][0]["text"] for m in echoed] == [f"m{i}" for i in range(n)]
+            assert amqp.spool_depth == n
+            assert await broker.ready(names.archive) == 0
+            proxy.restore()
+            got = await broker.read(names.archive, n)
+            await until(amqp, lambda: amqp.spool_depth == 0 and amqp.health().ready)
+        nursery.cancel_scope.cancel()
+    assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
+
+
+async def test_spooled_messages_survive_a_crash(tmp_path: Path) -> None:
+    """A daemon that dies without draining (its scope cancelled) loses nothing it accepted."""
+    names = Names.make()
+    n = 40
+    with trio.socket.socket() as dead_port:  # bound, not listening: connections are refused
+        await dead_port.bind(("127.0.0.1", 0))
+        unreachable = broker_url(port=dead_port.getsockname()[1])
+        cfg = load_config(config(tmp_path, names, unreachable, routes=TO_AMQP))
+        daemon = Daemon(cfg)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            for i in range(n):
+                assert isinstance(await chat_of(daemon).inject(update(f"m{i}"), chat_id="c"),
+                                  Accepted)
+            assert amqp_of(daemon).spool_depth == n
+            nursery.cancel_scope.cancel()  # no drain: a crash, as far as the spool knows
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)):
+            got = await broker.read(names.archive, n)
+    assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
+
+
+async def test_spooled_messages_survive_sigkill(tmp_path: Path) -> None:
+    """A real `bridged run` process is SIGKILLed while its outbox holds messages."""
+    names, inbound, echo = Names.make(), Names.make(), Names.make()
+    n = 30
+    with trio.socket.socket() as dead_port:
+        await dead_port.bind(("127.0.0.1", 0))
+        unreachable = broker_url(port=dead_port.getsockname()[1])
+        state = (tmp_path / "state").as_posix()
+        text = (f'[daemon]\nstate_dir = "{state}"\n[admin]\nenabled = false\n'
+                + amqp_table("src", inbound, broker_url(), consume_kind=CHAT_EVENT,
+                             exchange="")
+                + amqp_table("amqp", names, unreachable, consume_queue="")
+                + amqp_table("echo", echo, broker_url(), consume_queue="")
+                + '[[routes]]\nname = "out"\nfrom = "src"\nto = ["amqp", "echo"]\n')
+        cfg = write_config(tmp_path, text, name="killed.toml")
+        async with open_broker() as broker:
+            await broker.bind_archive(echo)
+            await broker.conn.declare(queues=[inbound.queue])
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "bridge", "run", "-c", str(cfg)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                for i in range(n):
+                    await broker.publish(inbound.queue, json.dumps(update(f"m{i}")).encode(),
+                                         headers={"x-bridge-chat-id": "c"})
+                # `echo` is delivered after `amqp` in each batch: once the echo copies are
+                # out, every message is in the unreachable transport's outbox.
+                echoed = await broker.read(echo.archive, n, within=30)
+                assert len(echoed) == n
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                assert await proc.wait() == -signal.SIGKILL
+    assert (tmp_path / "state" / "amqp" / "outbox.sqlite3").stat().st_size > 0
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+            got = await broker.read(names.archive, n)
+            await until(amqp_of(daemon), lambda: amqp_of(daemon).spool_depth == 0)
+    assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
+    assert {d.headers["x-bridge-chat-id"] for d in got} == {"c"}
+
+
+async def test_amqps_with_a_private_ca(tmp_path: Path) -> None:
+    """TLS to the broker: a TLS-terminating proxy with a certificate from a test CA."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    names = Names.make()
+    async with open_broker() as broker, trio.open_nursery() as nursery:
+        proxy: Proxy = await nursery.start(Proxy(tls=server_ctx).run)
+        assert proxy.url.startswith("amqps://")
+        trusted = config(tmp_path, names, proxy.url, routes=TO_CHAT,
+                         amqp={"tls_ca_file": str(ca_file)})
+        async with run_bridge(trusted) as daemon:
+            await until(amqp_of(daemon), lambda: amqp_of(daemon).health().ready)
+            await broker.publish(names.queue, notification("u", "over tls"))
+            (msg,) = await received(chat_of(daemon), 1)
+            assert msg.body["message"] == "over tls"
+        untrusted = config(tmp_path, names, proxy.url, routes=TO_CHAT, state="untrusted")
+        async with run_bridge(untrusted) as daemon:
+            health = amqp_of(daemon).health()
+            assert not health.ready
+            assert "CERTIFICATE_VERIFY_FAILED" in health.detail
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_health_and_stop_accepting(tmp_path: Path) -> None:
+    names = Names.make()
+    cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+    async with open_broker() as broker, run_bridge(cfg) as daemon:
+            amqp = amqp_of(daemon)
+            assert amqp.health().ready
+            assert (await broker.conn.queue_info(names.queue))[1] == 1
+            amqp.stop_accepting()
+            assert not amqp.health().ready
+            assert "stopped consuming" in amqp.health().detail
+            with trio.fail_after(5):
+                await amqp.drain()  # waits for the broker's basic.cancel-ok
+            assert (await broker.conn.queue_info(names.queue))[1] == 0
+            await broker.publish(names.queue, notification("u", "after stop"))
+            assert await broker.ready(names.queue) == 1  # left for the next daemon
+
+
+def test_loopback_binding_is_a_route_loop(tmp_path: Path) -> None:
+    names = Names.make()
+    path = config(tmp_path, names, broker_url(),
+                  amqp={"bind_consume_queue_to_exchange": ["chat.#"]},
+                  routes='[[routes]]\nname = "back"\nfrom = "amqp"\nto = ["amqp"]\n')
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(path)
+
+
+def test_settings_are_checked(tmp_path: Path) -> None:
+    names = Names.make()
+    path = config(tmp_path, names, "http://nope/", amqp={"routing_key": "chat.{room}",
+                                                         "prefetch": 0})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "url: must be an amqp:// or amqps:// URL" in text
+    assert "unknown placeholder {room}" in text
+    assert "prefetch: must be greater than 0" in text
+
+
+def test_url_is_redacted() -> None:
+    assert redact("amqp://user:s3cret@host:5672/v") == "amqp://user:***@host:5672/v"
+    assert redact("amqp://host/") == "amqp://host/"

@@ -1,0 +1,268 @@
+"""The trio <-> asyncio seam (bridge_plugins.amqp_seam), against the real RabbitMQ.
+
+The test side uses asyncio only to play the asyncio half of the seam's own contract
+(coroutines for ``Island.call``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import trio
+from amqp_support import Names, broker_url, close_all_connections, open_broker
+
+from bridge_plugins.amqp_seam import (
+    Connection,
+    ConnectionLost,
+    Outgoing,
+    Properties,
+    open_island,
+)
+
+
+async def test_call_returns_results_and_raises_asyncio_errors() -> None:
+    async with open_island("t") as island:
+        async def add() -> int:
+            await asyncio.sleep(0)
+            return threading.get_ident()
+
+        assert await island.call(add) != threading.get_ident()  # it ran on the other thread
+
+        async def fail() -> None:
+            raise KeyError("from asyncio")
+
+        with pytest.raises(KeyError, match="from asyncio"):
+            await island.call(fail)
+
+
+async def test_cancellation_waits_for_the_asyncio_side() -> None:
+    finished: list[str] = []
+    async with open_island("t") as island:
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                await asyncio.sleep(0.05)  # cleanup that takes a while
+                finished.append("cleaned up")
+
+        start = time.monotonic()
+        with trio.move_on_after(0.05) as scope:
+            await island.call(slow)
+        assert scope.cancelled_caught
+        assert finished == ["cleaned up"]  # before call() gave control back
+        assert time.monotonic() - start < 5
+
+
+async def test_callbacks_that_raise_never_reach_trio(caplog: pytest.LogCaptureFixture) -> None:
+    async with open_island("t") as island:
+        def boom() -> None:
+            raise RuntimeError("bad callback")
+
+        async def schedule() -> None:
+            island.to_trio(boom)
+
+        await island.call(schedule)  # boom runs on trio before this call's own result
+        await trio.lowlevel.checkpoint()
+    assert "trio-side callback failed" in caplog.text
+
+
+async def test_closing_is_bounded_when_asyncio_work_refuses_to_stop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    start = time.monotonic()
+    async with open_island("stubborn", close_timeout=0.2) as island:
+        async def stubborn() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.6)  # ignores the cancellation for a while
+
+        async def begin() -> None:
+            island.spawn(stubborn, "stubborn")
+            await asyncio.sleep(0.01)  # stubborn() is now inside its sleep
+
+        await island.call(begin)
+    assert time.monotonic() - start < 0.5
+    assert "did not stop within" in caplog.text
+
+
+async def test_a_server_side_close_is_noticed_at_once() -> None:
+    async with open_island("t") as island:
+        conn = await Connection.open(island, broker_url())
+        try:
+            await close_all_connections()
+            with trio.fail_after(3):  # well before any heartbeat timeout
+                await conn.lost.wait()
+            with pytest.raises(ConnectionLost):
+                await conn.wait_lost()
+        finally:
+            await conn.close()
+
+
+async def test_publisher_window_bounds_unconfirmed_messages() -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue])
+        publisher = await broker.conn.open_publisher(4)
+        messages = [Outgoing("", names.queue, b"%d" % i, Properties(message_id=str(i)), i)
+                    for i in range(10)]
+        with trio.move_on_after(0.5) as scope:
+            # no one takes confirms: it stops once 2 x 4 are handed over (4 unconfirmed at
+            # the broker, 4 waiting for a slot on the asyncio side)
+            await publisher.publish(messages)
+        assert scope.cancelled_caught
+        confirms = []
+        with trio.fail_after(5):
+            while len(confirms) < 8:
+                confirms += await publisher.confirms()
+        with trio.move_on_after(0.2):  # part of the test: nothing beyond those 8
+            confirms += await publisher.confirms()
+        assert [c.token for c in confirms] == list(range(8))
+        assert all(c.ok for c in confirms)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publisher.publish, messages[8:])  # slots freed by confirms()
+                while len(confirms) < 10:
+                    confirms += await publisher.confirms()
+        assert [c.token for c in confirms] == list(range(10))
+        got = await broker.read(names.queue, 10)
+        assert [d.message_id for d in got] == [str(i) for i in range(10)]
+        assert all(d.delivery_mode == 2 for d in got)
+        await broker.conn.queue_delete(names.queue)
+
+
+async def test_consumer_prefetch_and_acks_in_any_order() -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue])
+        publisher = await broker.conn.open_publisher(64)
+        await publisher.publish([Outgoing("", names.queue, b"%d" % i, Properties(), i)
+                                 for i in range(30)])
+        async with open_island("c") as island:
+            conn = await Connection.open(island, broker_url())
+            consumer = await conn.open_consumer(names.queue, 10)
+            held = []
+            with trio.move_on_after(0.3):  # part of the test: nothing beyond the prefetch
+                while True:
+                    held += await consumer.receive()
+            assert len(held) == 10
+            for d in reversed(held):  # out of order: acked one by one
+                consumer.ack(d.tag)
+            rest = []
+            with trio.fail_after(5):
+                while len(rest) < 20:
+                    batch = await consumer.receive()
+                    rest += batch
+                    for d in batch:  # in order: one multiple ack per batch
+                        consumer.ack(d.tag)
+            assert sorted(int(d.body) for d in held + rest) == list(range(30))
+            await conn.close()
+        # every ack reached the broker: nothing was requeued when the connection closed
+        assert await broker.ready(names.queue) == 0
+        await broker.conn.queue_delete(names.queue)
+
+
+async def test_requeue_hands_a_delivery_back() -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue])
+        await broker.publish(names.queue, b"again", message_id="r1")
+        consumer = await broker.conn.open_consumer(names.queue, 5)
+        with trio.fail_after(5):
+            (first,) = await consumer.receive()
+            consumer.requeue(first.tag)
+            (second,) = await consumer.receive()
+        assert (first.redelivered, second.redelivered) == (False, True)
+        assert second.message_id == "r1"
+        consumer.ack(second.tag)
+        await broker.conn.close()  # flushes the ack
+    async with open_broker() as broker:
+        assert await broker.ready(names.queue) == 0
+
+
+async def test_dead_letter_is_confirmed_before_the_ack() -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue, names.dead])
+        await broker.publish(names.queue, b"poison", message_id="p1")
+        async with open_island("c") as island:
+            conn = await Connection.open(island, broker_url())
+            consumer = await conn.open_consumer(names.queue, 5)
+            (d,) = await consumer.receive()
+            done = trio.Event()
+            results: list[bool] = []
+
+            def on_done(ok: bool) -> None:
+                results.append(ok)
+                done.set()
+
+            consumer.dead_letter(d.tag, names.dead,
+                                 d.body, Properties("text/plain", "p1", True,
+                                                    {"x-bridge-reason": "DecodeError"}),
+                                 on_done)
+            with trio.fail_after(5):
+                await done.wait()
+            await conn.close()
+        assert results == [True]
+        assert await broker.ready(names.queue) == 0
+        (dead,) = await broker.read(names.dead, 1)
+        assert (dead.body, dead.message_id) == (b"poison", "p1")
+        assert dead.headers["x-bridge-reason"] == "DecodeError"
+
+
+def test_no_asyncio_loop_thread_is_left_behind() -> None:
+    async def main() -> None:
+        async with open_island("leak-check"):
+            pass
+
+    trio.run(main)
+    assert not [t for t in threading.enumerate() if t.name == "asyncio-leak-check"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_aiormq(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+
+KI_CHILD = r"""
+import asyncio, signal, sys, trio
+from bridge_plugins.amqp_seam import open_island
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+async def main():
+    async with open_island("ki") as island:
+        async def tick():
+            await asyncio.sleep(0)
+        print("ready", flush=True)
+        while True:  # KeyboardInterrupt must never land between submit and park
+            await island.call(tick)
+
+try:
+    trio.run(main)
+except* KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+async def test_ctrl_c_during_heavy_traffic_exits_cleanly() -> None:
+    for attempt in range(10):
+        proc = await trio.lowlevel.open_process([sys.executable, "-c", KI_CHILD],
+                                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            with trio.fail_after(10):
+                assert (await proc.stdout.receive_some(6)).startswith(b"ready")
+            await trio.sleep(0.005 * attempt)  # part of the test: land at varying moments
+            proc.send_signal(signal.SIGINT)
+            with trio.fail_after(5):  # a hang here is the bug this guards against
+                assert await proc.wait() == 130
+        finally:
+            proc.kill()
+            await proc.wait()
+            await proc.stdout.aclose()
