@@ -1,0 +1,183 @@
+"""Helpers for the WebSocket transport tests: a daemon with a `chat` WebSocket transport on
+port 0 (plus a `side` memory transport routed into it), real clients, frames checked against
+the seed contract's JSON Schema, and a tiny in-memory history plugin for resume tests."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import msgpack
+import trio
+from trio_websocket import WebSocketConnection, open_websocket
+
+from bridge import CHAT_EVENT, ContractError, Message, ReplayGap, hookimpl
+from bridge.daemon import Daemon
+from bridge.testing import run_bridge, write_config
+
+# The schema of seeds/chat-websocket-asyncapi.md (components.schemas), as JSON, with the
+# types the seed leaves out added: eventId string, timestamp and timestampms integers.
+_ITEM = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "type": {"type": "string", "enum": ["message", "chat_event"]},
+        "text": {"type": "string"},
+        "sender": {"type": "string"},
+        "send_date": {"type": "integer"},
+    },
+}
+CHAT_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "definitions": {
+        "default": {
+            "type": "object",
+            "required": ["type", "socket_sequence"],
+            "properties": {"socket_sequence": {"type": "integer"}},
+        },
+        "heartbeat": {"allOf": [
+            {"properties": {"type": {"type": "string", "const": "heartbeat"}},
+             "required": ["type"]},
+            {"$ref": "#/definitions/default"},
+        ]},
+        "update": {"allOf": [
+            {"properties": {
+                "type": {"type": "string", "const": "update"},
+                "eventId": {"type": "string"},  # added: the seed leaves it untyped
+                "timestamp": {"type": "integer"},  # added
+                "timestampms": {"type": "integer"},  # added
+                "message": {"$ref": "#/definitions/message"},
+            }, "required": ["type", "eventId", "message", "timestamp", "timestampms"]},
+            {"$ref": "#/definitions/default"},
+        ]},
+        "message": {"type": "array", "items": _ITEM},
+    },
+    "type": "object",
+    "oneOf": [{"$ref": "#/definitions/heartbeat"}, {"$ref": "#/definitions/update"}],
+}
+VALIDATOR = jsonschema.Draft7Validator(CHAT_SCHEMA)
+
+BASE_CONFIG = """
+[transports.chat]
+type = "websocket"
+port = 0
+{settings}
+
+[transports.side]
+type = "memory"
+
+[[routes]]
+name = "chat-fanout"
+from = "chat"
+to = ["chat"]
+
+[[routes]]
+name = "side-to-chat"
+from = "side"
+to = ["chat"]
+"""
+
+
+def config_text(**settings: Any) -> str:
+    lines = "\n".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
+                      for k, v in settings.items())
+    return BASE_CONFIG.format(settings=lines)
+
+
+@dataclass
+class Bridge:
+    daemon: Daemon
+    port: int
+
+    @property
+    def side(self) -> Any:
+        return self.daemon.transports["side"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.daemon.metrics.registry.get_sample_value(
+            f"bridged_{name}", {"transport": "chat", **labels})
+        return value or 0.0
+
+    async def inject(self, chat_id: str, text: str, sender: str = "side") -> Message:
+        """A chat event through the `side` memory transport; returns it as accepted."""
+        outcome = await self.side.inject(
+            {"type": "update", "message": [{"type": "message", "text": text, "sender": sender}]},
+            chat_id=chat_id)
+        message: Message = outcome.message
+        return message
+
+
+@asynccontextmanager
+async def chat_bridge(tmp_path: Path, *, extra_plugins: Iterable[object] = (),
+                      **settings: Any) -> AsyncIterator[Bridge]:
+    path = write_config(tmp_path, config_text(**settings))
+    async with run_bridge(path, extra_plugins=extra_plugins) as daemon:
+        port = daemon.transports["chat"].port  # type: ignore[attr-defined]
+        assert isinstance(port, int)
+        yield Bridge(daemon, port)
+
+
+@asynccontextmanager
+async def client(port: int, chat_id: str = "room", query: str = "", *,
+                 subprotocols: Sequence[str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None,
+                 message_queue_size: int = 16) -> AsyncIterator[WebSocketConnection]:
+    resource = f"/v1/chats/{chat_id}" + (f"?{query}" if query else "")
+    async with open_websocket("127.0.0.1", port, resource, use_ssl=ssl_context or False,
+                              subprotocols=subprotocols, extra_headers=headers,
+                              message_queue_size=message_queue_size, connect_timeout=5,
+                              disconnect_timeout=5) as ws:
+        yield ws
+
+
+def decode_frame(data: str | bytes) -> dict[str, Any]:
+    """A server frame decoded (text: JSON, binary: msgpack) and checked against the seed
+    schema; fails the test if it does not validate."""
+    frame = json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+    VALIDATOR.validate(frame)
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def receive(ws: WebSocketConnection, timeout: float = 5.0) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        return decode_frame(await ws.get_message())
+
+
+def update(*texts: str, **item: Any) -> str:
+    """A client update frame (JSON text)."""
+    return json.dumps({"type": "update",
+                       "message": [{"type": "message", "text": t, **item} for t in texts]})
+
+
+@dataclass
+class MemoryHistory:
+    """A minimal persistence plugin: keeps chat events in a list, replays after an id,
+    raises ReplayGap below ``oldest`` and ContractError for unknown ids. ``pause`` is awaited
+    between deciding to replay and reading the store (to widen the resume seam)."""
+
+    events: list[Message] = field(default_factory=list)
+    oldest: str = ""
+    pause: float = 0.0
+    replay_started: trio.Event = field(default_factory=trio.Event)
+
+    @hookimpl
+    def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.events.extend(m for m in messages if m.kind == CHAT_EVENT)
+
+    @hookimpl
+    async def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        if since < self.oldest:
+            raise ReplayGap(f"events before {self.oldest} are no longer kept")
+        if not any(m.id == since for m in self.events):
+            raise ContractError(f"unknown eventId {since}", field="since", rule="known")
+        self.replay_started.set()
+        await trio.sleep(self.pause)
+        return [m for m in self.events if m.chat_id == chat_id and m.id > since]
