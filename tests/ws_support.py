@@ -137,6 +137,38 @@ async def client(port: int, chat_id: str = "room", query: str = "", *,
         yield ws
 
 
+async def raw_handshake(port: int, resource: str, *, subprotocols: Sequence[str] = (),
+                        headers: Sequence[tuple[str, str]] = ()) -> tuple[int, str]:
+    """An opening handshake over a plain TCP stream: the HTTP status and body of the answer.
+    (trio-websocket's client leaks its socket when a handshake is refused, so refusals are
+    tested with this.)"""
+    lines = [f"GET {resource} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             "Sec-WebSocket-Version: 13"]
+    if subprotocols:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                assert chunk, f"connection closed after {data!r}"
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = await stream.receive_some()
+                assert chunk, "connection closed in the body"
+                body += chunk
+    return int(head.split()[1]), body.decode()
+
+
 def decode_frame(data: str | bytes) -> dict[str, Any]:
     """A server frame decoded (text: JSON, binary: msgpack) and checked against the seed
     schema; fails the test if it does not validate."""
@@ -146,8 +178,9 @@ def decode_frame(data: str | bytes) -> dict[str, Any]:
     return frame
 
 
-async def receive(ws: WebSocketConnection, timeout: float = 5.0) -> dict[str, Any]:
-    with trio.fail_after(timeout):
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next frame, decoded and checked (fails the test after 5 s)."""
+    with trio.fail_after(5):
         return decode_frame(await ws.get_message())
 
 

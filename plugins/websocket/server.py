@@ -232,6 +232,12 @@ class WebSocketTransport:
         try:
             with trio.CancelScope(deadline=trio.current_time()
                                   + self.settings.handshake_timeout_s) as scope:
+                if isinstance(stream, trio.SSLStream):
+                    try:  # here, so that a failed TLS handshake closes at once
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError:
+                        self._ctx_().count("tls_handshake_failures_total")
+                        return
                 async with trio.open_nursery() as nursery:  # the protocol reader lives here
                     request = await wrap_server_stream(
                         nursery, stream, max_message_size=self.settings.max_message_bytes)
