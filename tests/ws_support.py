@@ -5,8 +5,10 @@ the seed contract's JSON Schema, and a tiny in-memory history plugin for resume 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import jsonschema
 import msgpack
 import trio
-from trio_websocket import WebSocketConnection, open_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from bridge import CHAT_EVENT, ContractError, Message, ReplayGap, hookimpl
 from bridge.daemon import Daemon
@@ -134,7 +136,12 @@ async def client(port: int, chat_id: str = "room", query: str = "", *,
                               subprotocols=subprotocols, extra_headers=headers,
                               message_queue_size=message_queue_size, connect_timeout=5,
                               disconnect_timeout=5) as ws:
-        yield ws
+        try:
+            yield ws
+        finally:
+            # trio-websocket 0.12's client never closes its TCP stream when the server
+            # closed the WebSocket first (aclose returns early), so the socket leaks.
+            await ws._stream.aclose()
 
 
 async def raw_handshake(port: int, resource: str, *, subprotocols: Sequence[str] = (),
@@ -184,10 +191,54 @@ async def receive(ws: WebSocketConnection) -> dict[str, Any]:
         return decode_frame(await ws.get_message())
 
 
+async def closed_with(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int, str]:
+    """Read until the server closes: the frames before the close, its code and reason."""
+    frames = []
+    closed = None
+    with trio.fail_after(5):
+        while closed is None:
+            try:
+                frames.append(decode_frame(await ws.get_message()))
+            except ConnectionClosed as e:
+                closed = e.reason
+    assert closed is not None
+    return frames, closed.code, closed.reason or ""
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (at most 5 s) until ``condition()`` holds: for effects with no event to await,
+    such as the server noticing that a peer vanished."""
+    with trio.fail_after(5):
+        while not condition():  # noqa: ASYNC110  (a kernel event, not a trio one)
+            await trio.sleep(0.005)
+
+
 def update(*texts: str, **item: Any) -> str:
     """A client update frame (JSON text)."""
     return json.dumps({"type": "update",
-                       "message": [{"type": "message", "text": t, **item} for t in texts]})
+                       "message": [{"type": "message", "text": t, **item} for t in texts]},
+                      ensure_ascii=False)
+
+
+async def raw_upgrade(port: int, resource: str = "/v1/chats/room") -> trio.SocketStream:
+    """A plain TCP stream that has completed the opening handshake (101)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(
+        f"GET {resource} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .encode())
+    data = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(1)  # byte by byte: leave the frames unread
+    assert data.startswith(b"HTTP/1.1 101"), data
+    return stream
+
+
+def vanish(stream: trio.SocketStream) -> None:
+    """Drop the connection the way a crashed client does: a TCP reset, no close frame."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
 
 
 @dataclass
