@@ -10,8 +10,6 @@ from pathlib import Path
 
 import msgpack
 import trio
-
-from bridge import CHAT_EVENT, ContractError, Message, hookimpl
 from ws_support import (
     MemoryHistory,
     chat_bridge,
@@ -24,6 +22,8 @@ from ws_support import (
     update,
     vanish,
 )
+
+from bridge import CHAT_EVENT, ContractError, Message, hookimpl
 
 
 async def _still_serves(port: int) -> None:
@@ -82,13 +82,13 @@ class ItemTypes:
 
 
 async def test_a_contract_violation_closes_1008_naming_the_field(tmp_path: Path) -> None:
-    async with chat_bridge(tmp_path, extra_plugins=[ItemTypes()]) as b:
-        async with client(b.port) as bad, client(b.port) as good:
-            await bad.send_message(json.dumps({"type": "update", "message": [
-                {"type": "message", "text": "fine"}, {"type": "shout", "text": "HEY"}]}))
-            frames, code, reason = await closed_with(bad)
-            await good.send_message(update("unaffected"))
-            assert (await receive(good))["message"][0]["text"] == "unaffected"
+    async with chat_bridge(tmp_path, extra_plugins=[ItemTypes()]) as b, \
+            client(b.port) as bad, client(b.port) as good:
+        await bad.send_message(json.dumps({"type": "update", "message": [
+            {"type": "message", "text": "fine"}, {"type": "shout", "text": "HEY"}]}))
+        frames, code, reason = await closed_with(bad)
+        await good.send_message(update("unaffected"))
+        assert (await receive(good))["message"][0]["text"] == "unaffected"
     assert frames == []  # the rejected update went nowhere
     assert code == 1008
     assert reason.startswith("message.1.type: ")

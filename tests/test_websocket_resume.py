@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from ws_support import MemoryHistory, chat_bridge, client, raw_handshake, receive, update
 
 from bridge import Message, hookimpl
-from ws_support import MemoryHistory, chat_bridge, client, raw_handshake, receive, update
 
 
 async def test_resume_replays_what_came_after_since_then_goes_live(tmp_path: Path) -> None:
@@ -35,25 +35,33 @@ async def test_resume_replays_what_came_after_since_then_goes_live(tmp_path: Pat
 
 
 async def test_no_gap_and_no_duplicate_at_the_seam(tmp_path: Path) -> None:
-    history = MemoryHistory(pause=0.1)  # the replay reads the store 100 ms after it begins
+    history = MemoryHistory(gated=True)
     async with chat_bridge(tmp_path, extra_plugins=[history]) as b:
         since = (await b.inject("room", "seen")).id
         expected = [(await b.inject("room", f"stored {i}")).id for i in range(3)]
         got: list[dict[str, Any]] = []
+        connected = trio.Event()
 
         async def resume() -> None:
             async with client(b.port, query=f"since={since}") as ws:
-                for _ in range(9):  # 3 stored, 3 during the replay, 3 after
+                connected.set()
+                for _ in range(13):  # 3 stored, 3 + 3 during the replay, 3 after, 1 final
                     got.append(await receive(ws))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(resume)
             await history.replay_started.wait()
-            # Persisted before the store is read AND queued live for the socket: both ways.
-            expected += [(await b.inject("room", f"during replay {i}")).id for i in range(3)]
-            # Once connected, only live.
-            expected += [(await b.inject("room", f"after {i}")).id for i in range(3)]
-    print([f["message"][0]["text"] for f in got])
+            # Before the store is read: in the replay AND queued live (sent once).
+            expected += [(await b.inject("room", f"before read {i}")).id for i in range(3)]
+            history.read_gate.set()
+            await history.read_done.wait()
+            # After the store is read, before the replay returns: only queued live.
+            expected += [(await b.inject("room", f"after read {i}")).id for i in range(3)]
+            history.return_gate.set()
+            await connected.wait()
+            expected += [(await b.inject("room", f"live {i}")).id for i in range(3)]
+            expected.append((await b.inject("room", "final")).id)
+    assert [f["message"][0]["text"] for f in got][-1] == "final"  # nothing came twice
     assert [f["eventId"] for f in got] == expected
     assert [f["socket_sequence"] for f in got] == list(range(len(expected)))
 

@@ -244,13 +244,19 @@ def vanish(stream: trio.SocketStream) -> None:
 @dataclass
 class MemoryHistory:
     """A minimal persistence plugin: keeps chat events in a list, replays after an id,
-    raises ReplayGap below ``oldest`` and ContractError for unknown ids. ``pause`` is awaited
-    between deciding to replay and reading the store (to widen the resume seam)."""
+    raises ReplayGap below ``oldest`` and ContractError for unknown ids.
+
+    With ``gated``, a replay stops twice so a test can act in the seam: it sets
+    ``replay_started`` and waits for ``read_gate`` before reading the store, then sets
+    ``read_done`` and waits for ``return_gate`` before returning what it read."""
 
     events: list[Message] = field(default_factory=list)
     oldest: str = ""
-    pause: float = 0.0
+    gated: bool = False
     replay_started: trio.Event = field(default_factory=trio.Event)
+    read_gate: trio.Event = field(default_factory=trio.Event)
+    read_done: trio.Event = field(default_factory=trio.Event)
+    return_gate: trio.Event = field(default_factory=trio.Event)
 
     @hookimpl
     def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
@@ -263,5 +269,10 @@ class MemoryHistory:
         if not any(m.id == since for m in self.events):
             raise ContractError(f"unknown eventId {since}", field="since", rule="known")
         self.replay_started.set()
-        await trio.sleep(self.pause)
-        return [m for m in self.events if m.chat_id == chat_id and m.id > since]
+        if self.gated:
+            await self.read_gate.wait()
+        found = [m for m in self.events if m.chat_id == chat_id and m.id > since]
+        self.read_done.set()
+        if self.gated:
+            await self.return_gate.wait()
+        return found
