@@ -27,6 +27,10 @@ from bridge.testing import run_bridge
 from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 TWO = """
+# Core behaviour only: arbitrary bodies, not chat updates the built-in enrichment shapes.
+[plugins]
+disable = ["enrichment"]
+
 [daemon]
 pipeline_queue = 4
 batch_max = 2
