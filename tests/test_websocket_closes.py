@@ -44,6 +44,18 @@ async def test_invalid_json_closes_1007(tmp_path: Path) -> None:
     assert "not valid JSON" in reason
 
 
+async def test_a_lone_surrogate_escape_closes_1007_and_a_pair_is_a_character(
+        tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path) as b, client(b.port) as ws:
+        frame = r'{"type":"update","message":[{"type":"message","text":"TEXT"}]}'
+        await ws.send_message(frame.replace("TEXT", r"\ud83d\ude00"))
+        assert (await receive(ws))["message"][0]["text"] == "\U0001F600"
+        await ws.send_message(frame.replace("TEXT", r"\ud800"))
+        _, code, reason = await closed_with(ws)
+    assert code == 1007
+    assert "lone surrogate" in reason
+
+
 async def test_invalid_utf8_in_a_binary_json_frame_closes_1007(tmp_path: Path) -> None:
     async with chat_bridge(tmp_path) as b, client(b.port) as ws:
         await ws.send_message(b'{"type": "\xff"}')
