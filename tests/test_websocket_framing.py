@@ -19,10 +19,12 @@ UPDATE = {"type": "update", "eventId": "00001700000000000000", "timestamp": 1700
               {"type": "message", "text": "héllo \"quoted\" {braces}", "sender": "a",
                "send_date": 1}]}
 
-values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(),
+# Text as it can arrive: decoders refuse lone surrogates (see test_websocket_closes.py).
+text = st.text(st.characters(exclude_categories=("Cs",)))
+values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | text,
                       lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
-bodies = st.dictionaries(st.text(max_size=10), values, max_size=20)
+                      | st.dictionaries(text, inner, max_size=3), max_leaves=8)
+bodies = st.dictionaries(text, values, max_size=20)
 
 
 def _json(frame: str | bytes) -> Any:
