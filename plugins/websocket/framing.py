@@ -24,6 +24,19 @@ def _without_sequence(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != SEQUENCE}
 
 
+def _uint(n: int) -> bytes:
+    """``n`` (0 <= n < 2**64) as msgpack encodes it."""
+    if n < 0x80:
+        return bytes((n,))
+    if n <= 0xFF:
+        return bytes((0xCC, n))
+    if n <= 0xFFFF:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n <= 0xFFFFFFFF:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
 class Framer(Protocol):
     name: str
     binary: bool
@@ -66,8 +79,8 @@ class JsonFramer:
 
 
 class MsgpackFramer:
-    """Binary frames. The map header is rewritten to one more entry and the sequence pair
-    goes in front of the encoded entries."""
+    """Binary frames. The map header is rewritten to one more entry (once, in
+    :meth:`prepare`) and the sequence pair goes in front of the encoded entries."""
 
     binary = True
     _KEY: bytes = msgpack.packb(SEQUENCE)
@@ -77,19 +90,17 @@ class MsgpackFramer:
         self._codec = codec
         self._heartbeat = self.prepare(HEARTBEAT)
 
-    def prepare(self, body: Mapping[str, Any]) -> tuple[int, bytes]:
+    def prepare(self, body: Mapping[str, Any]) -> tuple[bytes, bytes]:
         data = self._codec.encode(_without_sequence(body))
         first = data[0]
         if 0x80 <= first <= 0x8F:
-            return first & 0x0F, data[1:]
-        if first == 0xDE:
-            return struct.unpack(">H", data[1:3])[0], data[3:]
-        if first == 0xDF:
-            return struct.unpack(">I", data[1:5])[0], data[5:]
-        raise ValueError("a frame body must encode as a msgpack map")
-
-    def frame(self, prepared: tuple[int, bytes], sequence: int) -> bytes:
-        count, entries = prepared
+            count, entries = first & 0x0F, data[1:]
+        elif first == 0xDE:
+            count, entries = struct.unpack(">H", data[1:3])[0], data[3:]
+        elif first == 0xDF:
+            count, entries = struct.unpack(">I", data[1:5])[0], data[5:]
+        else:
+            raise ValueError("a frame body must encode as a msgpack map")
         count += 1
         if count <= 0x0F:
             header = bytes((0x80 | count,))
@@ -97,8 +108,11 @@ class MsgpackFramer:
             header = b"\xde" + struct.pack(">H", count)
         else:
             header = b"\xdf" + struct.pack(">I", count)
-        value: bytes = msgpack.packb(sequence)
-        return header + self._KEY + value + entries
+        return header + self._KEY, entries
+
+    def frame(self, prepared: tuple[bytes, bytes], sequence: int) -> bytes:
+        head, entries = prepared
+        return head + _uint(sequence) + entries
 
     def heartbeat(self, sequence: int) -> bytes:
         return self.frame(self._heartbeat, sequence)
