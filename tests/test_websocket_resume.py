@@ -8,10 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
-from ws_support import MemoryHistory, chat_bridge, client, raw_handshake, receive, update
+from trio_websocket import ConnectionClosed
+from ws_support import (
+    MemoryHistory,
+    chat_bridge,
+    client,
+    eventually,
+    raw_handshake,
+    receive,
+    update,
+)
 
-from bridge import Message, hookimpl
+from bridge import CHAT_EVENT, Message, hookimpl
 
 
 async def test_resume_replays_what_came_after_since_then_goes_live(tmp_path: Path) -> None:
@@ -104,6 +114,30 @@ async def test_a_failing_replay_hook_refuses_500_and_the_server_carries_on(
             assert (await receive(ws))["message"][0]["text"] == "fine"
     assert status == 500
     assert "replay failed" in body
+
+
+class UnsendableReplay:
+    """Returns an event whose body cannot be encoded: the writer task raises."""
+
+    @hookimpl
+    def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        return [Message(CHAT_EVENT, {"type": "update", "message": {1, 2}}, "history",
+                        "00000000000000000002", chat_id)]
+
+
+async def test_an_exception_inside_one_connection_ends_only_that_connection(
+        tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path, extra_plugins=[UnsendableReplay()]) as b, \
+            client(b.port, "room") as bystander:
+        async with client(b.port, "room", "since=00000000000000000001") as doomed:
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                await doomed.get_message()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1006  # cut, no close frame
+        await bystander.send_message(update("carry on"))
+        assert (await receive(bystander))["message"][0]["text"] == "carry on"
+        await eventually(lambda: b.metric("open_sockets") == 1)
+        assert b.daemon.health()["chat"].ready
 
 
 async def test_resume_across_a_restart_of_the_daemon(tmp_path: Path) -> None:
