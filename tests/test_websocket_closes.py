@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import trio
@@ -101,6 +102,7 @@ async def test_a_contract_violation_closes_1008_naming_the_field(tmp_path: Path)
         frames, code, reason = await closed_with(bad)
         await good.send_message(update("unaffected"))
         assert (await receive(good))["message"][0]["text"] == "unaffected"
+        await eventually(lambda: b.metric("socket_closes_total", code="1008") == 1)
     assert frames == []  # the rejected update went nowhere
     assert code == 1008
     assert reason.startswith("message.1.type: ")
@@ -239,3 +241,34 @@ async def test_a_msgpack_client_gets_msgpack_close_reasons_too(tmp_path: Path) -
         _, code, reason = await closed_with(ws)
     assert code == 1008
     assert reason.startswith("message.0.type")
+
+
+class SlowAuth:
+    """Holds every handshake in authentication until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.release = trio.Event()
+
+    @hookimpl
+    async def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Any:
+        self.started.set()
+        await self.release.wait()
+        return None
+
+
+async def test_a_handshake_under_way_when_the_drain_begins_is_refused_503(
+        tmp_path: Path) -> None:
+    auth = SlowAuth()
+    async with chat_bridge(tmp_path, extra_plugins=[auth]) as b:
+        answer: list[tuple[int, str]] = []
+
+        async def connect() -> None:
+            answer.append(await raw_handshake(b.port, "/v1/chats/room"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            await auth.started.wait()
+            b.daemon.transports["chat"].stop_accepting()
+            auth.release.set()
+    assert answer == [(503, "the server is shutting down; try again later\n")]

@@ -137,6 +137,7 @@ class WebSocketTransport:
         self._connections = 0
         self._sockets = 0
         self._listening = False
+        self._accepting = True
         self._accept_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -182,6 +183,7 @@ class WebSocketTransport:
         return context
 
     def stop_accepting(self) -> None:
+        self._accepting = False  # handshakes under way are refused with 503
         self._accept_scope.cancel()
         self._listening = False
 
@@ -245,6 +247,8 @@ class WebSocketTransport:
                     nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
                 self._ctx_().count("connections_cut_total")
+        except* (ConnectionClosed, trio.BrokenResourceError):
+            pass  # the peer went away during the handshake
         except* Exception:
             log.exception("%s: connection failed", self.name)
         finally:
@@ -254,20 +258,20 @@ class WebSocketTransport:
 
     async def _handle(self, request: WebSocketRequest, scope: trio.CancelScope) -> None:
         ctx = self._ctx_()
-        try:
-            chat = parse_request(request.path, request.proposed_subprotocols)
-            if self._connections > self.settings.max_connections:
-                raise Refusal(503, "too many connections; try again later")
-            identity = await self._authenticate(ctx, chat, request)
-        except Refusal as e:
-            await self._refuse(request, e)
-            return
-        sock = _Socket(chat, FRAMERS[chat.encoding](ctx.codec(chat.encoding)),
-                       self.settings.outbound_queue, self.settings.close_timeout_s, scope)
-        self._register(sock)  # before the replay is read: nothing falls between the two
+        sock: _Socket | None = None
         try:
             try:
+                chat = parse_request(request.path, request.proposed_subprotocols)
+                if self._connections > self.settings.max_connections:
+                    raise Refusal(503, "too many connections; try again later")
+                identity = await self._authenticate(ctx, chat, request)
+                sock = _Socket(chat, FRAMERS[chat.encoding](ctx.codec(chat.encoding)),
+                               self.settings.outbound_queue, self.settings.close_timeout_s,
+                               scope)
+                self._register(sock)  # before the replay is read: nothing falls in between
                 replayed = await self._replay(ctx, chat)
+                if not self._accepting:
+                    raise Refusal(503, "the server is shutting down; try again later")
             except Refusal as e:
                 await self._refuse(request, e)
                 return
@@ -279,9 +283,11 @@ class WebSocketTransport:
                 await self._read(ctx, sock, connection, identity)
                 if sock.code is None:  # the client went away: nothing more to send
                     nursery.cancel_scope.cancel()
+            code = sock.code or (connection.closed.code if connection.closed else NORMAL)
+            ctx.count("socket_closes_total", code=str(code))
         finally:
-            self._unregister(sock)
-            ctx.count("socket_closes_total", code=str(sock.code or NORMAL))
+            if sock is not None:
+                self._unregister(sock)
 
     async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
                             request: WebSocketRequest) -> Any:
