@@ -27,9 +27,10 @@ from bridge.testing import run_bridge
 from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 TWO = """
-# Core behaviour only: arbitrary bodies, not chat updates the built-in enrichment shapes.
+# Core behaviour only: arbitrary bodies, which the built-in validation, enrichment and
+# history would refuse, reshape or store as chat updates.
 [plugins]
-disable = ["enrichment"]
+disable = ["enrichment", "validation", "history"]
 
 [daemon]
 pipeline_queue = 4

@@ -54,7 +54,7 @@ async def test_a_lone_surrogate_escape_closes_1007_and_a_pair_is_a_character(
         await ws.send_message(frame.replace("TEXT", r"\ud800"))
         _, code, reason = await closed_with(ws)
     assert code == 1007
-    assert "lone surrogate" in reason
+    assert "surrogate" in reason
 
 
 async def test_invalid_utf8_in_a_binary_json_frame_closes_1007(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ async def test_an_unknown_since_is_refused_400(tmp_path: Path) -> None:
 
 
 async def test_since_without_a_history_plugin_is_refused_400(tmp_path: Path) -> None:
-    async with chat_bridge(tmp_path) as b:
+    async with chat_bridge(tmp_path, disable=["history"]) as b:
         status, body = await raw_handshake(b.port, "/v1/chats/room?since=00000000000000000001")
     assert status == 400
     assert "no history is kept" in body

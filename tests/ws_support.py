@@ -66,6 +66,9 @@ CHAT_SCHEMA: dict[str, Any] = {
 VALIDATOR = jsonschema.Draft7Validator(CHAT_SCHEMA)
 
 BASE_CONFIG = """
+[plugins]
+disable = {disable}
+
 [transports.chat]
 type = "websocket"
 port = 0
@@ -86,10 +89,10 @@ to = ["chat"]
 """
 
 
-def config_text(**settings: Any) -> str:
+def config_text(disable: Sequence[str] = (), **settings: Any) -> str:
     lines = "\n".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
                       for k, v in settings.items())
-    return BASE_CONFIG.format(settings=lines)
+    return BASE_CONFIG.format(settings=lines, disable=json.dumps(list(disable)))
 
 
 @dataclass
@@ -117,8 +120,10 @@ class Bridge:
 
 @asynccontextmanager
 async def chat_bridge(tmp_path: Path, *, extra_plugins: Iterable[object] = (),
-                      **settings: Any) -> AsyncIterator[Bridge]:
-    path = write_config(tmp_path, config_text(**settings))
+                      disable: Sequence[str] = (), **settings: Any) -> AsyncIterator[Bridge]:
+    """A daemon with the websocket transport `chat` (``settings``) and the memory transport
+    `side`, routed into it; ``disable`` names built-in plugins not to load."""
+    path = write_config(tmp_path, config_text(disable, **settings))
     async with run_bridge(path, extra_plugins=extra_plugins) as daemon:
         port = daemon.transports["chat"].port  # type: ignore[attr-defined]
         assert isinstance(port, int)
