@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge import CHAT_EVENT, NOTIFICATION, Accepted, ContractError, Message, Rejected
+from bridge import (
+    CHAT_EVENT,
+    NOTIFICATION,
+    Accepted,
+    ContractError,
+    Identity,
+    Message,
+    Rejected,
+)
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.enrichment import (
     EventIds,
@@ -63,7 +71,8 @@ def test_chat_event_gets_the_update_shape_and_server_fields_are_overwritten() ->
     ]
 
 
-@pytest.mark.parametrize("identity", ["bob", {"subject": "bob"}, {"sub": "bob"}])
+@pytest.mark.parametrize("identity", ["bob", {"subject": "bob"}, {"sub": "bob"},
+                                      Identity("bob", chats=("*",))])
 def test_identity_wins_over_the_sender_a_client_claims(identity: object) -> None:
     inbound = Message(CHAT_EVENT, {"type": "update", "message": [
         {"type": "message", "text": "x", "sender": "the-ceo"}]}, "chat", chat_id="c",

@@ -154,6 +154,15 @@ async def raw_handshake(port: int, resource: str, *, subprotocols: Sequence[str]
     """An opening handshake over a plain TCP stream: the HTTP status and body of the answer.
     (trio-websocket's client leaks its socket when a handshake is refused, so refusals are
     tested with this.)"""
+    status, _, body = await raw_handshake_full(port, resource, subprotocols=subprotocols,
+                                               headers=headers)
+    return status, body
+
+
+async def raw_handshake_full(port: int, resource: str, *, subprotocols: Sequence[str] = (),
+                             headers: Sequence[tuple[str, str]] = ()
+                             ) -> tuple[int, dict[str, str], str]:
+    """:func:`raw_handshake` with the response headers (lower-case names)."""
     lines = [f"GET {resource} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
              "Sec-WebSocket-Version: 13"]
@@ -169,16 +178,16 @@ async def raw_handshake(port: int, resource: str, *, subprotocols: Sequence[str]
                 assert chunk, f"connection closed after {data!r}"
                 data += chunk
             head, _, body = data.partition(b"\r\n\r\n")
-            length = 0
+            answer: dict[str, str] = {}
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
+                answer[name.strip().lower().decode()] = value.strip().decode()
+            length = int(answer.get("content-length", "0"))
             while len(body) < length:
                 chunk = await stream.receive_some()
                 assert chunk, "connection closed in the body"
                 body += chunk
-    return int(head.split()[1]), body.decode()
+    return int(head.split()[1]), answer, body.decode()
 
 
 def decode_frame(data: str | bytes) -> dict[str, Any]:

@@ -45,6 +45,14 @@ class WebSocketSettings:
                                      doc="time a closing socket gets to finish its close")
     max_connections: int = setting(10000, check=_positive,
                                    doc="connections at once; more are refused with 503")
+    max_connections_per_address: int = setting(
+        64, check=_positive, doc="connections at once from one IP address; more get 429")
+    allowed_origins: tuple[str, ...] = setting(
+        (), doc="browser Origin values allowed ('*': any); empty: not checked")
+    rate_limit_per_s: float = setting(20.0, check=_positive,
+                                      doc="client frames per second per socket (refill rate)")
+    rate_burst: int = setting(40, check=_positive,
+                              doc="frames a socket may send at once; over the limit: 1008")
 
 
 def _create(name: str, settings: Any) -> WebSocketTransport:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -55,6 +56,8 @@ log = logging.getLogger("bridge_plugins.websocket")
 # Close codes (RFC 6455 §7.4.1 and the IANA registry).
 NORMAL, GOING_AWAY, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
     1000, 1001, 1007, 1008, 1009, 1011, 1013)
+#: Private-use close code (docs/security.md): the handshake's credentials have expired.
+EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
 SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequence"})
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
@@ -135,6 +138,8 @@ class WebSocketTransport:
         self._ctx: TransportContext | None = None
         self._chats: dict[str, set[_Socket]] = {}
         self._connections = 0
+        self._per_address: dict[str, int] = {}
+        self._tls: ssl.SSLContext | None = None  # the listener's, reloaded in place
         self._sockets = 0
         self._listening = False
         self._accepting = True
@@ -177,10 +182,33 @@ class WebSocketTransport:
                 self._listening = False
 
     def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
+        context = _new_ssl_context(self.settings)
+        self._tls = context
         return context
+
+    async def reconfigure(self, settings: WebSocketSettings) -> bool:
+        """A reload (SIGHUP). The listening address, and switching TLS on or off, wait for a
+        restart (False). A new certificate and key serve new handshakes while open sockets
+        keep theirs; a pair that does not load is refused and the old one kept. Every other
+        setting applies to the connections opened from now on."""
+        old = self.settings
+        if ((settings.host, settings.port) != (old.host, old.port)
+                or (settings.tls_cert is None) != (old.tls_cert is None)
+                or (settings.tls_cert is None) != (settings.tls_key is None)):
+            return False
+        if settings.tls_cert is not None and (settings.tls_cert, settings.tls_key) != (
+                old.tls_cert, old.tls_key):
+            try:
+                await trio.to_thread.run_sync(_new_ssl_context, settings)  # does it load?
+            except (OSError, ssl.SSLError) as e:
+                log.error("%s: the new TLS certificate and key do not load (%s); keeping the"
+                          " old pair", self.name, e)
+                return False
+            assert self._tls is not None
+            await trio.to_thread.run_sync(self._tls.load_cert_chain, str(settings.tls_cert),
+                                          str(settings.tls_key))
+        self.settings = settings
+        return True
 
     def stop_accepting(self) -> None:
         self._accepting = False  # handshakes under way are refused with 503
@@ -231,6 +259,8 @@ class WebSocketTransport:
         """One TCP (or TLS) connection, from its first byte to its close. Nothing raised
         here may escape: it would take the listener, and every other client, down."""
         self._connections += 1
+        address = _peer_address(stream)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             with trio.CancelScope(deadline=trio.current_time()
                                   + self.settings.handshake_timeout_s) as scope:
@@ -243,7 +273,7 @@ class WebSocketTransport:
                 async with trio.open_nursery() as nursery:  # the protocol reader lives here
                     request = await wrap_server_stream(
                         nursery, stream, max_message_size=self.settings.max_message_bytes)
-                    await self._handle(request, scope)
+                    await self._handle(request, scope, address)
                     nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
                 self._ctx_().count("connections_cut_total")
@@ -253,18 +283,30 @@ class WebSocketTransport:
             log.exception("%s: connection failed", self.name)
         finally:
             self._connections -= 1
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
             with trio.move_on_after(self.settings.close_timeout_s):
                 await stream.aclose()
 
-    async def _handle(self, request: WebSocketRequest, scope: trio.CancelScope) -> None:
+    async def _handle(self, request: WebSocketRequest, scope: trio.CancelScope,
+                      address: str) -> None:
         ctx = self._ctx_()
+        s = self.settings
         sock: _Socket | None = None
         try:
-            try:
-                chat = parse_request(request.path, request.proposed_subprotocols)
-                if self._connections > self.settings.max_connections:
+            try:  # in the order of docs/security.md: caps, path and query, Origin, auth
+                if self._connections > s.max_connections:
                     raise Refusal(503, "too many connections; try again later")
-                identity = await self._authenticate(ctx, chat, request)
+                if self._per_address[address] > s.max_connections_per_address:
+                    raise Refusal(429, "too many connections from your address")
+                chat = parse_request(request.path, request.proposed_subprotocols)
+                headers = _headers(request)
+                origin = headers.get("origin")
+                if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
+                        and origin not in s.allowed_origins):
+                    raise Refusal(403, "origin not allowed")
+                identity = await self._authenticate(ctx, chat, request, headers)
                 sock = _Socket(chat, FRAMERS[chat.encoding](ctx.codec(chat.encoding)),
                                self.settings.outbound_queue, self.settings.close_timeout_s,
                                scope)
@@ -278,9 +320,12 @@ class WebSocketTransport:
             connection = await request.accept(subprotocol=chat.subprotocol)
             if sock.code is None:
                 scope.deadline = math.inf  # the handshake is done
+            expires_at = _expires_at(identity)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, sock, connection, replayed, nursery.cancel_scope)
-                await self._read(ctx, sock, connection, identity)
+                if expires_at is not None:
+                    nursery.start_soon(_expire, sock, expires_at)
+                await self._read(ctx, sock, connection, identity, expires_at)
                 if sock.code is None:  # the client went away: nothing more to send
                     nursery.cancel_scope.cancel()
             code = sock.code or (connection.closed.code if connection.closed else NORMAL)
@@ -290,10 +335,7 @@ class WebSocketTransport:
                 self._unregister(sock)
 
     async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
-                            request: WebSocketRequest) -> Any:
-        headers: dict[str, str] = {}
-        for name, value in request.headers:
-            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+                            request: WebSocketRequest, headers: dict[str, str]) -> Any:
         try:
             return await ctx.authenticate({
                 "path": chat.path, "chat_id": chat.chat_id, "headers": headers,
@@ -321,7 +363,10 @@ class WebSocketTransport:
 
     async def _refuse(self, request: WebSocketRequest, refusal: Refusal) -> None:
         self._ctx_().count("handshake_refusals_total", status=str(refusal.status))
-        await request.reject(refusal.status, extra_headers=list(_TEXT),
+        headers = list(_TEXT)
+        if refusal.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await request.reject(refusal.status, extra_headers=headers,
                              body=refusal.reason.encode() + b"\n")
 
     def _register(self, sock: _Socket) -> None:
@@ -344,15 +389,28 @@ class WebSocketTransport:
         self._ctx_().gauge("open_sockets", self._sockets)
 
     async def _read(self, ctx: TransportContext, sock: _Socket,
-                    connection: WebSocketConnection, identity: Any) -> None:
+                    connection: WebSocketConnection, identity: Any,
+                    expires_at: float | None) -> None:
         """Client frames into the bridge until the connection closes or a frame is bad."""
         limit = self.settings.max_message_bytes
+        rate, burst = self.settings.rate_limit_per_s, float(self.settings.rate_burst)
+        tokens, refilled = burst, trio.current_time()
         meta: Mapping[str, Any] = {"identity": identity, "connection": sock.id}
         while sock.code is None:
             try:
                 data = await connection.get_message()
             except ConnectionClosed:
                 return
+            if expires_at is not None and time.time() >= expires_at:
+                sock.close(EXPIRED, "token expired")
+                return
+            now = trio.current_time()
+            tokens = min(burst, tokens + (now - refilled) * rate)
+            refilled = now
+            if tokens < 1:
+                sock.close(POLICY, "rate limit exceeded")
+                return
+            tokens -= 1
             raw = data.encode() if isinstance(data, str) else data
             if len(raw) > limit:
                 sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}")
@@ -414,3 +472,45 @@ class WebSocketTransport:
         except ConnectionClosed:
             pass  # the client is gone; the reader sees it too
         done.cancel()
+
+
+def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
+    """A server context for ``tls_cert``/``tls_key``: TLS 1.2 or later, Python's ciphers."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """The client's IP address (for the per-address cap)."""
+    inner: Any = getattr(stream, "transport_stream", stream)
+    try:
+        return str(inner.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "?"
+
+
+def _headers(request: WebSocketRequest) -> dict[str, str]:
+    """Request headers by lower-case name (the first of repeated ones)."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+def _expires_at(identity: Any) -> float | None:
+    """When the identity's credentials expire (Unix time), if they say."""
+    value = getattr(identity, "expires_at", None)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+async def _expire(sock: _Socket, expires_at: float) -> None:
+    """Close ``sock`` with 4001 once the wall clock passes ``expires_at``. trio sleeps on a
+    monotonic clock: after the sleep the wall clock is asked again (it may have been set
+    back). A clock set forward meanwhile is caught by the next client frame's check."""
+    while (remaining := expires_at - time.time()) > 0:  # noqa: ASYNC110  (wall-clock deadline)
+        await trio.sleep(remaining)
+    sock.close(EXPIRED, "token expired")
