@@ -94,6 +94,7 @@ def test_handshake_reads_every_parameter_and_keeps_unknown_ones_for_plugins() ->
     (["json"], "", "json", "json"),
     (["chat.v2", "msgpack", "json"], "", "msgpack", "msgpack"),
     (["chat.v2"], "", "json", None),
+    (["bearer.eyJhbGciOi.x.y", "msgpack"], "", "msgpack", "msgpack"),  # never the token
     (["json", "msgpack"], "encoding=msgpack", "msgpack", "msgpack"),
     ([], "encoding=msgpack", "msgpack", None),
 ])
