@@ -168,6 +168,7 @@ async def test_fan_out_encodes_once_per_encoding(tmp_path: Path,
     ("/v1/chats/room?encoding=xml", 400, "encoding"),
     ("/v1/chats/room?since=", 400, "since"),
     ("/v1/chats/room?since=a%20b", 400, "since"),
+    ("/v1/chats/room?since=1234", 400, "20 decimal digits"),
 ])
 async def test_bad_handshakes_are_refused_with_a_reason(tmp_path: Path, resource: str,
                                                         status: int, says: str) -> None:

@@ -152,3 +152,29 @@ async def test_resume_across_a_restart_of_the_daemon(tmp_path: Path) -> None:
             frames = [await receive(ws) for _ in range(4)]
     assert [f["eventId"] for f in frames] == before[1:] + after
     assert after[0] > before[-1]  # ids keep increasing across the restart
+
+
+async def test_resume_across_a_restart_with_the_built_in_sqlite_history(tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path) as b, client(b.port) as ws:
+        for i in range(3):
+            await ws.send_message(update(f"before restart {i}"))
+        before = [(await receive(ws))["eventId"] for _ in range(3)]
+    async with chat_bridge(tmp_path) as b:  # the same state directory
+        after = [(await b.inject("room", f"after restart {i}")).id for i in range(2)]
+        async with client(b.port, query=f"since={before[0]}") as ws:
+            frames = [await receive(ws) for _ in range(4)]
+            live = await b.inject("room", "live")
+            assert (await receive(ws))["eventId"] == live.id
+    assert [f["eventId"] for f in frames] == before[1:] + after
+    assert [f["message"][0]["text"] for f in frames] == [
+        "before restart 1", "before restart 2", "after restart 0", "after restart 1"]
+
+
+async def test_since_older_than_the_sqlite_retention_is_refused_410(tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path, extra="[plugins.history]\nretention_count = 2\n") as b:
+        ids = [(await b.inject("room", f"event {i}")).id for i in range(4)]
+        status, body = await raw_handshake(b.port, f"/v1/chats/room?since={ids[0]}")
+        async with client(b.port, query=f"since={ids[1]}") as ws:  # still kept: fine
+            assert [(await receive(ws))["eventId"] for _ in range(2)] == ids[2:]
+    assert status == 410
+    assert "no longer kept" in body

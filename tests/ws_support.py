@@ -89,10 +89,10 @@ to = ["chat"]
 """
 
 
-def config_text(disable: Sequence[str] = (), **settings: Any) -> str:
+def config_text(disable: Sequence[str] = (), extra: str = "", **settings: Any) -> str:
     lines = "\n".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
                       for k, v in settings.items())
-    return BASE_CONFIG.format(settings=lines, disable=json.dumps(list(disable)))
+    return BASE_CONFIG.format(settings=lines, disable=json.dumps(list(disable))) + extra
 
 
 @dataclass
@@ -120,10 +120,12 @@ class Bridge:
 
 @asynccontextmanager
 async def chat_bridge(tmp_path: Path, *, extra_plugins: Iterable[object] = (),
-                      disable: Sequence[str] = (), **settings: Any) -> AsyncIterator[Bridge]:
+                      disable: Sequence[str] = (), extra: str = "",
+                      **settings: Any) -> AsyncIterator[Bridge]:
     """A daemon with the websocket transport `chat` (``settings``) and the memory transport
-    `side`, routed into it; ``disable`` names built-in plugins not to load."""
-    path = write_config(tmp_path, config_text(disable, **settings))
+    `side`, routed into it; ``disable`` names built-in plugins not to load, ``extra`` is
+    appended to the config (plugin tables)."""
+    path = write_config(tmp_path, config_text(disable, extra, **settings))
     async with run_bridge(path, extra_plugins=extra_plugins) as daemon:
         port = daemon.transports["chat"].port  # type: ignore[attr-defined]
         assert isinstance(port, int)

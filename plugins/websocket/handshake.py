@@ -14,8 +14,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 CHAT_PATH = re.compile(r"/v1/chats/([^/]*)")
 CHAT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-#: eventIds are opaque to the transport; it only bounds what it passes to the replay hook.
-SINCE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: An eventId: 20 decimal digits (bridge/contracts/chat.asyncapi.yaml).
+SINCE = re.compile(r"[0-9]{20}")
 ENCODINGS = ("json", "msgpack")
 KNOWN_KEYS = ("heartbeat", "encoding", "since")
 
@@ -60,7 +60,7 @@ def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
         raise Refusal(400, f"heartbeat: must be true or false, not {heartbeat[:20]!r}")
     since = query.get("since")
     if since is not None and not SINCE.fullmatch(since):
-        raise Refusal(400, "since: must be an eventId received from this server")
+        raise Refusal(400, "since: must be an eventId (20 decimal digits)")
 
     offered = [p for p in subprotocols if p in ENCODINGS]
     encoding = query.get("encoding")
