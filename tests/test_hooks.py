@@ -75,8 +75,9 @@ async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Con
     async with run_bridge(config, extra_plugins=[extras]) as daemon:
         assert extras.events == ["startup state"]
         assert daemon.registry.codecs["text/x-reversed"].decode(b"olleh") == "hello"
-        await daemon.transports["a"].inject({"text": ""})  # dropped by drop-empty
-        outcome = await daemon.transports["a"].inject({"text": "hi"})
+        # A kind of its own: the built-in enrichment would shape a chat.event.
+        await daemon.transports["a"].inject({"text": ""}, kind="text")  # dropped by drop-empty
+        outcome = await daemon.transports["a"].inject({"text": "hi"}, kind="text")
         assert isinstance(outcome, Accepted)
         assert (await daemon.transports["b"].received.receive()).body == {"text": "HI"}
     assert extras.events == ["startup state", "shutdown", "background cancelled"]

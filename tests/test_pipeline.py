@@ -27,6 +27,11 @@ from bridge.testing import run_bridge
 from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 TWO = """
+# Core behaviour only: arbitrary bodies, which the built-in validation, enrichment and
+# history would refuse, reshape or store as chat updates.
+[plugins]
+disable = ["enrichment", "validation", "history"]
+
 [daemon]
 pipeline_queue = 4
 batch_max = 2

@@ -1,1 +1,0 @@
-"""Built-in plugin `websocket` (being built; see its issue)."""

@@ -1,0 +1,75 @@
+"""The opening handshake: which chat a client asks for, and how it wants to talk.
+
+``GET /v1/chats/{chat_id}?heartbeat=true|false&encoding=json|msgpack&since=<eventId>``, with
+an optional ``Sec-WebSocket-Protocol`` of ``json`` or ``msgpack``. A refusal carries the
+HTTP status and a short reason for the response body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+CHAT_PATH = re.compile(r"/v1/chats/([^/]*)")
+CHAT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: An eventId: 20 decimal digits (bridge/contracts/chat.asyncapi.yaml).
+SINCE = re.compile(r"[0-9]{20}")
+ENCODINGS = ("json", "msgpack")
+KNOWN_KEYS = ("heartbeat", "encoding", "since")
+
+
+class Refusal(Exception):
+    """Refuse the handshake with HTTP ``status``; ``reason`` is the response body."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status} {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    path: str
+    chat_id: str
+    heartbeat: bool
+    encoding: str  # one of ENCODINGS
+    subprotocol: str | None  # the subprotocol to answer with, when the client offered one
+    since: str | None
+    query: dict[str, str]  # every query parameter (plugins may read their own, e.g. a token)
+
+
+def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
+    """What the request target and offered subprotocols ask for; raises :class:`Refusal`."""
+    parts = urlsplit(target)
+    m = CHAT_PATH.fullmatch(parts.path)
+    if m is None:
+        raise Refusal(404, f"no such path {parts.path[:80]!r}: connect to /v1/chats/{{chat_id}}")
+    chat_id = unquote(m.group(1))
+    if not CHAT_ID.fullmatch(chat_id):
+        raise Refusal(400, "chat_id: must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in query and key in KNOWN_KEYS:
+            raise Refusal(400, f"{key}: given more than once")
+        query.setdefault(key, value)
+
+    heartbeat = query.get("heartbeat", "false").lower()
+    if heartbeat not in ("true", "false"):
+        raise Refusal(400, f"heartbeat: must be true or false, not {heartbeat[:20]!r}")
+    since = query.get("since")
+    if since is not None and not SINCE.fullmatch(since):
+        raise Refusal(400, "since: must be an eventId (20 decimal digits)")
+
+    offered = [p for p in subprotocols if p in ENCODINGS]
+    encoding = query.get("encoding")
+    if encoding is None:
+        encoding = offered[0] if offered else "json"
+    elif encoding not in ENCODINGS:
+        raise Refusal(400, f"encoding: must be json or msgpack, not {encoding[:20]!r}")
+    elif offered and encoding not in offered:
+        raise Refusal(400, f"encoding: {encoding} conflicts with the subprotocol {offered[0]}")
+    subprotocol = encoding if encoding in offered else None
+    return ChatRequest(parts.path, chat_id, heartbeat == "true", encoding, subprotocol, since,
+                       query)

@@ -1,0 +1,516 @@
+"""The WebSocket chat transport (SPEC §2) on trio-websocket.
+
+One task per connection reads client frames and submits them; one writer task per socket
+owns the socket's ``socket_sequence`` and is the only one that sends: it takes frames from
+the socket's bounded queue and sends a heartbeat whenever one is due. ``deliver`` never
+waits on a socket: it puts each event into every queue of its chat with ``send_nowait``,
+and a socket whose queue is full is closed with 1013 (the client resumes with ``since``).
+
+Every close goes through :meth:`_Socket.close`: it records the code and reason, stops the
+queue, and gives the connection ``close_timeout_s`` to finish; the writer sends the close
+frame once the frame it may be sending is complete (a frame is never cut in half).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
+
+from bridge import (
+    CHAT_EVENT,
+    AuthError,
+    ContractError,
+    DecodeError,
+    DeliveryError,
+    Failed,
+    Health,
+    Message,
+    Outcome,
+    Rejected,
+    ReplayGap,
+    TransportContext,
+)
+
+from .framing import Framer, JsonFramer, MsgpackFramer
+from .handshake import ChatRequest, Refusal, parse_request
+
+if TYPE_CHECKING:
+    from . import WebSocketSettings
+
+log = logging.getLogger("bridge_plugins.websocket")
+
+# Close codes (RFC 6455 §7.4.1 and the IANA registry).
+NORMAL, GOING_AWAY, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
+    1000, 1001, 1007, 1008, 1009, 1011, 1013)
+#: Private-use close code (docs/security.md): the handshake's credentials have expired.
+EXPIRED = 4001
+#: Fields only the server assigns; dropped from client frames before they enter the bridge.
+SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequence"})
+FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to the 123 bytes a close frame can carry."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+def reason_for(error: Exception) -> str:
+    """A rejection's reason, naming the field when the error knows it."""
+    text = str(error)
+    field = getattr(error, "field", "")
+    if field and not text.startswith(field):
+        text = f"{field}: {text}"
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Outbound:
+    event_id: str
+    prepared: Any  # what the socket's framer prepared, shared by every socket of the encoding
+
+
+class _Socket:
+    """One accepted (or being accepted) client on a chat."""
+
+    _ids = count(1)
+
+    def __init__(self, chat: ChatRequest, framer: Framer, queue: int, close_timeout: float,
+                 scope: trio.CancelScope) -> None:
+        self.id = f"ws-{next(self._ids)}"
+        self.chat = chat
+        self.framer = framer
+        self.send, self.receive = trio.open_memory_channel[_Outbound](queue)
+        self.code: int | None = None  # set once a close is under way
+        self.reason = ""
+        self.flush = False  # send what is queued before the close frame
+        self._close_timeout = close_timeout
+        self._scope = scope
+
+    def offer(self, item: _Outbound) -> bool:
+        """Queue ``item``; False when the queue is full."""
+        try:
+            self.send.send_nowait(item)
+        except trio.WouldBlock:
+            return False
+        except trio.ClosedResourceError:
+            pass  # closing already: the client resumes with since
+        return True
+
+    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close with ``code`` (the first close asked for wins), within ``close_timeout``."""
+        if self.code is not None:
+            return
+        self.code, self.reason, self.flush = code, close_reason(reason), flush
+        self.send.close()
+        self._scope.deadline = min(self._scope.deadline,
+                                   trio.current_time() + self._close_timeout)
+
+    def settle(self, outcome: Outcome) -> None:
+        """The pipeline's verdict on a frame this client sent."""
+        if isinstance(outcome, Rejected):
+            code = INVALID_DATA if isinstance(outcome.error, DecodeError) else POLICY
+            self.close(code, reason_for(outcome.error))
+        elif isinstance(outcome, Failed):
+            self.close(INTERNAL, outcome.reason)
+
+
+class WebSocketTransport:
+    def __init__(self, name: str, settings: WebSocketSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.port: int | None = None  # the bound port, once listening (useful with port 0)
+        self._ctx: TransportContext | None = None
+        self._chats: dict[str, set[_Socket]] = {}
+        self._connections = 0
+        self._per_address: dict[str, int] = {}
+        self._tls: ssl.SSLContext | None = None  # the listener's, reloaded in place
+        self._sockets = 0
+        self._listening = False
+        self._accepting = True
+        self._accept_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, ctx: TransportContext, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
+        s = self.settings
+        listeners: list[Any]
+        if s.tls_cert is not None:
+            context = await trio.to_thread.run_sync(self._ssl_context)
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                s.port, context, host=s.host, https_compatible=True)
+        else:
+            listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+        inner: Any = getattr(listeners[0], "transport_listener", listeners[0])
+        self.port = int(inner.socket.getsockname()[1])
+        ctx.gauge("open_sockets", 0)
+        async with trio.open_nursery() as connections:
+            await connections.start(self._serve, listeners, connections)
+            log.info("%s listening on %s://%s:%d/v1/chats/{chat_id}", self.name,
+                     "wss" if s.tls_cert else "ws", s.host, self.port)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _serve(self, listeners: list[Any], connections: trio.Nursery,
+                     *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until :meth:`stop_accepting`; they live on in ``connections``."""
+        with self._accept_scope:
+            self._listening = True
+            try:
+                await trio.serve_listeners(self._on_stream, listeners,
+                                           handler_nursery=connections, task_status=task_status)
+            finally:
+                self._listening = False
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = _new_ssl_context(self.settings)
+        self._tls = context
+        return context
+
+    async def reconfigure(self, settings: WebSocketSettings) -> bool:
+        """A reload (SIGHUP). The listening address, and switching TLS on or off, wait for a
+        restart (False). A new certificate and key serve new handshakes while open sockets
+        keep theirs; a pair that does not load is refused and the old one kept. Every other
+        setting applies to the connections opened from now on."""
+        old = self.settings
+        if ((settings.host, settings.port) != (old.host, old.port)
+                or (settings.tls_cert is None) != (old.tls_cert is None)
+                or (settings.tls_cert is None) != (settings.tls_key is None)):
+            return False
+        if settings.tls_cert is not None and (settings.tls_cert, settings.tls_key) != (
+                old.tls_cert, old.tls_key):
+            try:
+                await trio.to_thread.run_sync(_new_ssl_context, settings)  # does it load?
+            except (OSError, ssl.SSLError) as e:
+                log.error("%s: the new TLS certificate and key do not load (%s); keeping the"
+                          " old pair", self.name, e)
+                return False
+            assert self._tls is not None
+            await trio.to_thread.run_sync(self._tls.load_cert_chain, str(settings.tls_cert),
+                                          str(settings.tls_key))
+        self.settings = settings
+        return True
+
+    def stop_accepting(self) -> None:
+        self._accepting = False  # handshakes under way are refused with 503
+        self._accept_scope.cancel()
+        self._listening = False
+
+    async def drain(self) -> None:
+        for sockets in list(self._chats.values()):
+            for sock in list(sockets):
+                sock.close(GOING_AWAY, "server shutting down; resume with since=<last eventId>",
+                           flush=True)
+        await self._idle.wait()
+
+    def health(self) -> Health:
+        if self._listening:
+            return Health(True)
+        return Health(False, "not listening" if self._ctx else "not started")
+
+    # ----------------------------------------------------------------- delivery
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            if message.kind != CHAT_EVENT or not message.chat_id:
+                raise DeliveryError(
+                    f"{self.name} delivers chat events with a chat id, not {message.kind!r}"
+                    " (route notifications through the notification_to_chat transform)")
+            sockets = self._chats.get(message.chat_id)
+            if not sockets:
+                continue
+            prepared: dict[str, _Outbound] = {}
+            for sock in list(sockets):
+                item = prepared.get(sock.framer.name)
+                if item is None:
+                    item = _Outbound(message.id, sock.framer.prepare(message.body))
+                    prepared[sock.framer.name] = item
+                if not sock.offer(item):
+                    self._ctx_().count("slow_client_closes_total")
+                    sock.close(TRY_AGAIN, "too slow: outbound queue full;"
+                               " reconnect with since=<last eventId>")
+
+    # ----------------------------------------------------------------- connections
+
+    def _ctx_(self) -> TransportContext:
+        assert self._ctx is not None, "transport not started"
+        return self._ctx
+
+    async def _on_stream(self, stream: trio.abc.Stream) -> None:
+        """One TCP (or TLS) connection, from its first byte to its close. Nothing raised
+        here may escape: it would take the listener, and every other client, down."""
+        self._connections += 1
+        address = _peer_address(stream)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        try:
+            with trio.CancelScope(deadline=trio.current_time()
+                                  + self.settings.handshake_timeout_s) as scope:
+                if isinstance(stream, trio.SSLStream):
+                    try:  # here, so that a failed TLS handshake closes at once
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError:
+                        self._ctx_().count("tls_handshake_failures_total")
+                        return
+                async with trio.open_nursery() as nursery:  # the protocol reader lives here
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=self.settings.max_message_bytes)
+                    await self._handle(request, scope, address)
+                    nursery.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                self._ctx_().count("connections_cut_total")
+        except* (ConnectionClosed, trio.BrokenResourceError):
+            pass  # the peer went away during the handshake
+        except* Exception:
+            log.exception("%s: connection failed", self.name)
+        finally:
+            self._connections -= 1
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
+            with trio.move_on_after(self.settings.close_timeout_s):
+                await stream.aclose()
+
+    async def _handle(self, request: WebSocketRequest, scope: trio.CancelScope,
+                      address: str) -> None:
+        ctx = self._ctx_()
+        s = self.settings
+        sock: _Socket | None = None
+        try:
+            try:  # in the order of docs/security.md: caps, path and query, Origin, auth
+                if self._connections > s.max_connections:
+                    raise Refusal(503, "too many connections; try again later")
+                if self._per_address[address] > s.max_connections_per_address:
+                    raise Refusal(429, "too many connections from your address")
+                chat = parse_request(request.path, request.proposed_subprotocols)
+                headers = _headers(request)
+                origin = headers.get("origin")
+                if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
+                        and origin not in s.allowed_origins):
+                    raise Refusal(403, "origin not allowed")
+                identity = await self._authenticate(ctx, chat, request, headers)
+                sock = _Socket(chat, FRAMERS[chat.encoding](ctx.codec(chat.encoding)),
+                               self.settings.outbound_queue, self.settings.close_timeout_s,
+                               scope)
+                self._register(sock)  # before the replay is read: nothing falls in between
+                replayed = await self._replay(ctx, chat)
+                if not self._accepting:
+                    raise Refusal(503, "the server is shutting down; try again later")
+            except Refusal as e:
+                await self._refuse(request, e)
+                return
+            connection = await request.accept(subprotocol=chat.subprotocol)
+            if sock.code is None:
+                scope.deadline = math.inf  # the handshake is done
+            expires_at = _expires_at(identity)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, sock, connection, replayed, nursery.cancel_scope)
+                if expires_at is not None:
+                    nursery.start_soon(_expire, sock, expires_at)
+                await self._read(ctx, sock, connection, identity, expires_at)
+                if sock.code is None:  # the client went away: nothing more to send
+                    nursery.cancel_scope.cancel()
+            code = sock.code or (connection.closed.code if connection.closed else NORMAL)
+            ctx.count("socket_closes_total", code=str(code))
+        finally:
+            if sock is not None:
+                self._unregister(sock)
+
+    async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
+                            request: WebSocketRequest, headers: dict[str, str]) -> Any:
+        try:
+            return await ctx.authenticate({
+                "path": chat.path, "chat_id": chat.chat_id, "headers": headers,
+                "query": dict(chat.query), "subprotocols": list(request.proposed_subprotocols),
+                "remote": str(request.remote)})
+        except AuthError as e:
+            raise Refusal(e.status, str(e)) from None
+        except Exception:
+            log.exception("%s: authentication hook failed", self.name)
+            raise Refusal(500, "authentication failed: internal error") from None
+
+    async def _replay(self, ctx: TransportContext, chat: ChatRequest) -> Sequence[Message]:
+        if chat.since is None:
+            return ()
+        try:
+            return await ctx.replay(chat.chat_id, chat.since)
+        except ReplayGap as e:
+            raise Refusal(410, f"since: {e}; reconnect without since for live events"
+                          ) from None
+        except ContractError as e:
+            raise Refusal(400, reason_for(e)) from None
+        except Exception:
+            log.exception("%s: replay failed for chat %s", self.name, chat.chat_id)
+            raise Refusal(500, "replay failed: internal error") from None
+
+    async def _refuse(self, request: WebSocketRequest, refusal: Refusal) -> None:
+        self._ctx_().count("handshake_refusals_total", status=str(refusal.status))
+        headers = list(_TEXT)
+        if refusal.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await request.reject(refusal.status, extra_headers=headers,
+                             body=refusal.reason.encode() + b"\n")
+
+    def _register(self, sock: _Socket) -> None:
+        self._chats.setdefault(sock.chat.chat_id, set()).add(sock)
+        self._sockets += 1
+        self._idle = trio.Event() if self._sockets == 1 else self._idle
+        self._ctx_().gauge("open_sockets", self._sockets)
+
+    def _unregister(self, sock: _Socket) -> None:
+        sockets = self._chats.get(sock.chat.chat_id)
+        if sockets is None or sock not in sockets:
+            return
+        sockets.discard(sock)
+        if not sockets:
+            del self._chats[sock.chat.chat_id]
+        sock.send.close()
+        self._sockets -= 1
+        if self._sockets == 0:
+            self._idle.set()
+        self._ctx_().gauge("open_sockets", self._sockets)
+
+    async def _read(self, ctx: TransportContext, sock: _Socket,
+                    connection: WebSocketConnection, identity: Any,
+                    expires_at: float | None) -> None:
+        """Client frames into the bridge until the connection closes or a frame is bad."""
+        limit = self.settings.max_message_bytes
+        rate, burst = self.settings.rate_limit_per_s, float(self.settings.rate_burst)
+        tokens, refilled = burst, trio.current_time()
+        meta: Mapping[str, Any] = {"identity": identity, "connection": sock.id}
+        while sock.code is None:
+            try:
+                data = await connection.get_message()
+            except ConnectionClosed:
+                return
+            if expires_at is not None and time.time() >= expires_at:
+                sock.close(EXPIRED, "token expired")
+                return
+            now = trio.current_time()
+            tokens = min(burst, tokens + (now - refilled) * rate)
+            refilled = now
+            if tokens < 1:
+                sock.close(POLICY, "rate limit exceeded")
+                return
+            tokens -= 1
+            raw = data.encode() if isinstance(data, str) else data
+            if len(raw) > limit:
+                sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}")
+                return
+            try:
+                frame = sock.framer.decode(raw)
+            except DecodeError as e:
+                sock.close(INVALID_DATA, str(e))
+                return
+            if not isinstance(frame, dict):
+                sock.close(POLICY, "frame: must be an object with a type")
+                return
+            if frame.get("type") == "heartbeat":
+                continue
+            body = {k: v for k, v in frame.items() if k not in SERVER_FIELDS}
+            await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
+                                     meta=meta), sock.settle)
+
+    async def _write(self, sock: _Socket, connection: WebSocketConnection,
+                     replayed: Sequence[Message], done: trio.CancelScope) -> None:
+        """The socket's only sender: replayed events, then queued ones and heartbeats, then
+        the close frame. ``socket_sequence`` counts every frame sent."""
+        sequence = 0
+        framer = sock.framer
+
+        async def send(frame: str | bytes) -> None:
+            nonlocal sequence
+            await connection.send_message(frame)
+            sequence += 1
+
+        def stopping() -> bool:
+            return sock.code is not None and not sock.flush
+
+        try:
+            last = ""
+            for message in replayed:
+                if stopping():
+                    break
+                await send(framer.frame(framer.prepare(message.body), sequence))
+                last = message.id
+            interval = self.settings.heartbeat_interval_s
+            beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
+            while not stopping():
+                item = None
+                with trio.move_on_at(beat):  # only the wait: a send is never cut
+                    try:
+                        item = await sock.receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                if item is not None:
+                    if item.event_id > last:  # replayed already when not
+                        await send(framer.frame(item.prepared, sequence))
+                    continue
+                now = trio.current_time()
+                self._ctx_().observe("heartbeat_lateness_seconds", now - beat)
+                await send(framer.heartbeat(sequence))
+                beat = beat + interval if beat + interval > now else now + interval
+            await connection.aclose(sock.code or NORMAL, sock.reason or None)
+        except ConnectionClosed:
+            pass  # the client is gone; the reader sees it too
+        done.cancel()
+
+
+def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
+    """A server context for ``tls_cert``/``tls_key``: TLS 1.2 or later, Python's ciphers."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """The client's IP address (for the per-address cap)."""
+    inner: Any = getattr(stream, "transport_stream", stream)
+    try:
+        return str(inner.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "?"
+
+
+def _headers(request: WebSocketRequest) -> dict[str, str]:
+    """Request headers by lower-case name (the first of repeated ones)."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+def _expires_at(identity: Any) -> float | None:
+    """When the identity's credentials expire (Unix time), if they say."""
+    value = getattr(identity, "expires_at", None)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+async def _expire(sock: _Socket, expires_at: float) -> None:
+    """Close ``sock`` with 4001 once the wall clock passes ``expires_at``. trio sleeps on a
+    monotonic clock: after the sleep the wall clock is asked again (it may have been set
+    back). A clock set forward meanwhile is caught by the next client frame's check."""
+    while (remaining := expires_at - time.time()) > 0:  # noqa: ASYNC110  (wall-clock deadline)
+        await trio.sleep(remaining)
+    sock.close(EXPIRED, "token expired")
