@@ -113,7 +113,7 @@ class Bridge:
         """A chat event through the `side` memory transport; returns it as accepted."""
         outcome = await self.side.inject(
             {"type": "update", "message": [{"type": "message", "text": text, "sender": sender}]},
-            chat_id=chat_id)
+            kind=CHAT_EVENT, chat_id=chat_id)
         message: Message = outcome.message
         return message
 
