@@ -17,20 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bridge.testing import MEMORY_AB
+
 CONFIG = """
 [daemon]
 state_dir = "{state}"
 [admin]
 port = 0
-[transports.a]
-type = "memory"
-[transports.b]
-type = "memory"
-[[routes]]
-name = "ab"
-from = "a"
-to = ["b"]
-"""
+""" + MEMORY_AB
 
 
 def main() -> None:

@@ -20,6 +20,18 @@ import trio
 from .config import Config, load_config
 from .daemon import Daemon
 
+#: Two memory transports and one route between them: ``a -> b`` (route ``ab``).
+MEMORY_AB = """
+[transports.a]
+type = "memory"
+[transports.b]
+type = "memory"
+[[routes]]
+name = "ab"
+from = "a"
+to = ["b"]
+"""
+
 
 def write_config(directory: Path, text: str, name: str = "bridged.toml") -> Path:
     """Write ``text`` as a config file in ``directory``; state goes to ``directory/state``

@@ -17,21 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
 from bridge.config import Config, load_config
 from bridge.service import Service
-from bridge.testing import write_config
+from bridge.testing import MEMORY_AB, write_config
 from bridge.transport import Health
 
 ROUTED = """
 [admin]
 port = 0
-[transports.a]
-type = "memory"
-[transports.b]
-type = "memory"
-[[routes]]
-name = "ab"
-from = "a"
-to = ["b"]
-"""
+""" + MEMORY_AB
 
 
 def chat(text: str) -> dict[str, Any]:

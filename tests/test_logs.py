@@ -14,7 +14,7 @@ from ops_support import running_service
 from bridge import ContractError, Message, hookimpl
 from bridge.config import load_config
 from bridge.logs import JsonFormatter, setup_logging
-from bridge.testing import write_config
+from bridge.testing import MEMORY_AB, write_config
 
 
 @pytest.fixture
@@ -77,15 +77,7 @@ async def test_chat_text_is_never_logged_at_info_or_above(
     config = load_config(write_config(tmp_path, """
 [admin]
 port = 0
-[transports.a]
-type = "memory"
-[transports.b]
-type = "memory"
-[[routes]]
-name = "ab"
-from = "a"
-to = ["b"]
-"""))
+""" + MEMORY_AB))
     async with running_service(config, extra_plugins=[_RejectSome()]) as service:
         a: Any = service.daemon.transports["a"]
         for text in ("TOP-SECRET-CHAT-TEXT", "REJECT-TOP-SECRET-CHAT-TEXT"):

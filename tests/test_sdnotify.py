@@ -22,7 +22,7 @@ from bridge import Message, hookimpl, sdnotify
 from bridge.config import load_config
 from bridge.sdnotify import Notifier, socket_address, watchdog_interval
 from bridge.service import Service
-from bridge.testing import write_config
+from bridge.testing import MEMORY_AB, write_config
 
 
 @pytest.fixture
@@ -184,15 +184,7 @@ async def test_the_watchdog_stops_while_the_loop_is_blocked(tmp_path: Path) -> N
     config = load_config(write_config(tmp_path, """
 [admin]
 enabled = false
-[transports.a]
-type = "memory"
-[transports.b]
-type = "memory"
-[[routes]]
-name = "ab"
-from = "a"
-to = ["b"]
-"""))
+""" + MEMORY_AB))
     blocker = _Blocker(0.6)
     service = Service(config, extra_plugins=[blocker],
                       environ={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "100000"})
