@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pluggy
 
+from .cli import Command
 from .config import Secret, setting
 from .errors import (
     AuthError,
@@ -44,6 +45,7 @@ __all__ = [
     "AuthError",
     "BridgeError",
     "Codec",
+    "Command",
     "ConfigError",
     "ContractError",
     "DecodeError",

@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +25,30 @@ EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 log = logging.getLogger("bridge")
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """A ``bridged`` subcommand a plugin offers through ``bridge_register_commands``.
+
+    The core adds ``-c/--config``, loads and checks that config (reporting its errors and
+    warnings), then calls ``run(args, config)``; the result is the exit code.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config], int]
+
+
+def _plugin_commands(extra_plugins: Iterable[object]) -> dict[str, Command]:
+    from .plugins import build_plugin_manager
+
+    commands: dict[str, Command] = {}
+    build_plugin_manager(extra=extra_plugins).hook.bridge_register_commands(
+        register=lambda command: commands.setdefault(command.name, command))
+    return commands
+
+
+def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bridged", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
@@ -38,18 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the topology")
     asyncapi.add_argument("-c", "--config", required=True)
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
-    token = sub.add_parser("token", help="mint an HS token from the config's [plugins.auth_jwt]")
-    token.add_argument("-c", "--config", required=True)
-    token.add_argument("--sub", required=True, help="subject: the sender the token speaks as")
-    token.add_argument("--chat", action="append", default=[],
-                       help="a chat id or fnmatch pattern it may join (repeat for more)")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
-    token.add_argument("--role", help="the role claim")
+    for command in commands.values():
+        parser = sub.add_parser(command.name, help=command.help)
+        parser.add_argument("-c", "--config", required=True, help="TOML config file")
+        command.add_arguments(parser)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, extra_plugins: Iterable[object] = ()) -> int:
+    commands = _plugin_commands(extra_plugins)
+    args = _parser(commands).parse_args(argv)
+    if args.command in commands:
+        config = _load_or_report(args.config)
+        return EXIT_CONFIG if config is None else commands[args.command].run(args, config)
     handler = globals()[f"cmd_{args.command}"]
     code: int = handler(args)
     return code
@@ -66,18 +91,26 @@ def _load(path: str) -> tuple[Config, list[str]]:
     return config, [f"{path}: WARNING: {w.message}" for w in caught]
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load_or_report(path: str) -> Config | None:
+    """The config, its warnings printed to stderr; or None with its errors printed."""
     from .errors import ConfigError
 
     try:
-        config, notes = _load(args.config)
+        config, notes = _load(path)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
-        print(f"{args.config}: {len(e.errors)} error(s)", file=sys.stderr)
-        return EXIT_CONFIG
+        print(f"{path}: {len(e.errors)} error(s)", file=sys.stderr)
+        return None
     for note in notes:
         print(note, file=sys.stderr)
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
     print(f"{args.config}: ok ({len(config.transports)} transports, {len(config.routes)} routes)")
     return EXIT_OK
 
@@ -109,15 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .errors import ConfigError
     from .plugins import build_plugin_manager, describe_plugins
 
     if args.config:
-        try:
-            config = load_config(args.config)
-        except ConfigError as e:
-            print("\n".join(e.errors), file=sys.stderr)
+        config = _load_or_report(args.config)
+        if config is None:
             return EXIT_CONFIG
         pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
     else:
@@ -136,43 +165,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from .asyncapi import build_document, render
-    from .config import load_config
-    from .errors import ConfigError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print("\n".join(e.errors), file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     sys.stdout.write(render(build_document(config), args.format))
-    return EXIT_OK
-
-
-def cmd_token(args: argparse.Namespace) -> int:
-    import importlib
-
-    from .errors import ConfigError
-
-    try:
-        config, notes = _load(args.config)
-    except ConfigError as e:
-        print("\n".join(e.errors), file=sys.stderr)
-        return EXIT_CONFIG
-    for note in notes:
-        print(note, file=sys.stderr)
-    settings = config.plugins.settings.get("auth_jwt")
-    if settings is None:
-        print(f"{args.config}: the auth_jwt plugin is disabled", file=sys.stderr)
-        return EXIT_CONFIG
-    if not settings.enabled:
-        print(f"{args.config}: WARNING: [plugins.auth_jwt] enabled = false: the daemon will "
-              "not ask for this token", file=sys.stderr)
-    auth_jwt = importlib.import_module("bridge_plugins.auth_jwt")
-    try:
-        token = auth_jwt.mint_token(settings, subject=args.sub, chats=args.chat,
-                                    ttl_s=args.ttl, role=args.role)
-    except ValueError as e:
-        print(f"{args.config}: plugins.auth_jwt: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(token)
     return EXIT_OK

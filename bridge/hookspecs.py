@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .cli import Command
     from .message import Message
     from .plugins import PluginContext
     from .transport import Codec, Transform, TransportType
@@ -38,6 +39,13 @@ def bridge_register_codecs(register: Callable[[Codec], None]) -> None:
 def bridge_register_transforms(register: Callable[[str, Transform], None]) -> None:
     """Registration hook (sync). Call ``register(name, transform)`` for each named transform
     that routes may list in ``transforms = [...]``. Names are global: a clash is an error."""
+
+
+@hookspec
+def bridge_register_commands(register: Callable[[Command], None]) -> None:
+    """Registration hook (sync). Call ``register(Command(...))`` to add a ``bridged``
+    subcommand. Only built-in plugins are asked (the command line runs before a config says
+    which third-party plugins are enabled). The first registration of a name wins."""
 
 
 @hookspec

@@ -19,11 +19,13 @@ algorithms cannot be mixed, so a public key can never be used as an HMAC secret.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from bridge import AuthError, Identity, PluginContext, Secret, hookimpl, setting
+from bridge import AuthError, Command, Identity, PluginContext, Secret, hookimpl, setting
 
 HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum key bytes: RFC 7518 section 3.2
 RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -326,9 +328,44 @@ def mint_token(settings: AuthJwtSettings, *, subject: str, chats: Iterable[str],
 # --------------------------------------------------------------------------- hooks
 
 
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sub", required=True, help="subject: the sender the token speaks as")
+    parser.add_argument("--chat", action="append", default=[],
+                        help="a chat id or fnmatch pattern it may join (repeat for more)")
+    parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    parser.add_argument("--role", help="the role claim")
+
+
+def _token_command(args: argparse.Namespace, config: Any) -> int:
+    """``bridged token``: print an HS token that this config's daemon accepts."""
+    settings = config.plugins.settings.get("auth_jwt")
+    if settings is None:
+        print(f"{args.config}: the auth_jwt plugin is disabled", file=sys.stderr)
+        return 1
+    if not settings.enabled:
+        print(f"{args.config}: WARNING: [plugins.auth_jwt] enabled = false: the daemon will "
+              "not ask for this token", file=sys.stderr)
+    try:
+        token = mint_token(settings, subject=args.sub, chats=args.chat, ttl_s=args.ttl,
+                           role=args.role)
+    except ValueError as e:
+        print(f"{args.config}: plugins.auth_jwt: {e}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+TOKEN_COMMAND = Command("token", "mint an HS token from the config's [plugins.auth_jwt]",
+                        _token_arguments, _token_command)
+
+
 class Plugin:
     def __init__(self) -> None:
         self.verifier: Verifier | None = None
+
+    @hookimpl
+    def bridge_register_commands(self, register: Callable[[Command], None]) -> None:
+        register(TOKEN_COMMAND)
 
     @hookimpl
     def bridge_settings_class(self) -> type[AuthJwtSettings]:

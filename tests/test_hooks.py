@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from bridge import (
     Accepted,
     AuthError,
     Codec,
+    Command,
     Message,
     PluginContext,
     ReplayGap,
@@ -176,3 +178,29 @@ async def test_plugin_settings_table_is_typed_and_checked(bridge_config: Callabl
         "plugins.tuning.level: must be below 10",
         "plugins.tuning.levle: unknown key (did you mean 'level'?)",
     ]
+
+
+class RoutesCommand:
+    @hookimpl
+    def bridge_register_commands(self, register: Callable[[Command], None]) -> None:
+        def add_arguments(parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("--sep", default=",")
+
+        def run(args: argparse.Namespace, config: Config) -> int:
+            print(args.sep.join(r.name for r in config.routes))
+            return 7
+
+        register(Command("routes", "print the route names", add_arguments, run))
+
+
+def test_plugin_command_gets_a_checked_config(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli import main
+    from bridge.testing import MEMORY_AB, write_config
+
+    good = write_config(tmp_path, MEMORY_AB, name="good.toml")
+    assert main(["routes", "-c", str(good), "--sep", ";"], extra_plugins=[RoutesCommand()]) == 7
+    assert capsys.readouterr().out == "ab\n"
+    bad = write_config(tmp_path, MEMORY_AB + "bogus = 1\n", name="bad.toml")
+    assert main(["routes", "-c", str(bad)], extra_plugins=[RoutesCommand()]) == 1
+    assert "routes[0].bogus: unknown key" in capsys.readouterr().err
