@@ -25,6 +25,15 @@ def inbound(frame: Any) -> Message:
     return Message(CHAT_EVENT, body, "chat", chat_id="c1")
 
 
+def verdict(value: Any) -> str:
+    """What validation says; any exception other than ContractError escapes (a failure)."""
+    try:
+        check(inbound(value), "inbound")
+    except ContractError as e:
+        return "refused, saying why" if (e.field or e.rule) and str(e) else "refused, silent"
+    return "accepted"
+
+
 @CODECS
 @given(frame=client_updates())
 def test_every_valid_update_is_accepted_after_the_wire(codec: Codec, frame: dict[str, Any]
@@ -44,11 +53,7 @@ def test_a_broken_update_names_the_field(codec: Codec, case: tuple[dict[str, Any
 @CODECS
 @given(body=json_values())
 def test_any_decoded_value_gives_accept_or_contract_error(codec: Codec, body: Any) -> None:
-    try:
-        check(inbound(codec.decode(codec.encode(body))), "inbound")
-    except ContractError as e:
-        assert e.field or e.rule  # always says what is wrong
-    # anything else escaping here fails the test
+    assert verdict(codec.decode(codec.encode(body))) in ("accepted", "refused, saying why")
 
 
 @CODECS
@@ -58,7 +63,4 @@ def test_any_bytes_give_decode_error_or_a_verdict(codec: Codec, data: bytes) -> 
         value = codec.decode(data)
     except DecodeError:
         return
-    try:
-        check(inbound(value), "inbound")
-    except ContractError as e:
-        assert e.field or e.rule
+    assert verdict(value) in ("accepted", "refused, saying why")
