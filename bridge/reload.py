@@ -181,10 +181,9 @@ async def reload_daemon(daemon: Daemon, path: Any = None, *,
 
 async def _reconfigure_transport(daemon: Daemon, old: TransportConfig, new: TransportConfig,
                                  result: ReloadResult) -> TransportConfig:
+    # Called on every reload, changed or not: a transport re-reads the files it serves from
+    # (a TLS certificate rotated in place under the same path).
     fields = changed_fields(old.settings, new.settings)
-    if not fields:
-        return old
-    what = f"[transports.{new.name}] {', '.join(fields)}"
     reconfigure = getattr(daemon.transports[new.name], "reconfigure", None)
     applied = False
     if reconfigure is not None:
@@ -192,6 +191,9 @@ async def _reconfigure_transport(daemon: Daemon, old: TransportConfig, new: Tran
             applied = bool(await await_me_maybe(reconfigure(new.settings)))
         except Exception:
             log.exception("reload: transport %s failed to reconfigure", new.name)
+    if not fields:
+        return old
+    what = f"[transports.{new.name}] {', '.join(fields)}"
     if applied:
         result.applied.append(what)
         return new

@@ -117,11 +117,11 @@ class Transport(Protocol):
     ``nursery.start``), ``deliver`` any number of times, then at shutdown
     ``stop_accepting``, then ``drain`` under a deadline, then cancels ``run``.
 
-    Optional: ``reconfigure(settings) -> bool`` (plain or ``async``). On a reload (SIGHUP)
-    whose ``[transports.<name>]`` table changed, the core calls it with the new settings
-    object; return True once they are in effect (keep live connections), False to keep the
-    old ones until a restart (the core logs which fields wait). Without it, any settings
-    change waits for a restart."""
+    Optional: ``reconfigure(settings) -> bool`` (plain or ``async``). On every reload
+    (SIGHUP) the core calls it with the new settings object, changed or not (so that files
+    such as certificates are re-read); return True once they are in effect (keep live
+    connections), False to keep the old ones until a restart (the core logs which fields
+    wait). Without it, any settings change waits for a restart."""
 
     name: str
 

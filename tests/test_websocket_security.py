@@ -163,3 +163,20 @@ async def test_reload_of_the_address_waits_for_a_restart(tmp_path: Path) -> None
             for _ in range(5):
                 await receive(ws)
             assert trio.current_time() - start < 0.2
+
+
+async def test_a_certificate_rotated_in_place_is_served_after_a_reload(tmp_path: Path) -> None:
+    from bridge.reload import reload_daemon
+
+    old_ca, cert, key = _pair(tmp_path, "live")
+    async with chat_bridge(tmp_path, tls_cert=cert, tls_key=key) as b:
+        async with client(b.port, ssl_context=_trusting(old_ca)) as ws:
+            await ws.send_message(update("before rotation"))
+            await receive(ws)
+        new_ca, new_cert, new_key = _pair(tmp_path, "rotated")
+        new_cert.replace(cert)  # certbot-style: same paths, new content
+        new_key.replace(key)
+        await reload_daemon(b.daemon)  # what SIGHUP runs; the config itself is unchanged
+        async with client(b.port, ssl_context=_trusting(new_ca)) as ws:
+            await ws.send_message(update("after rotation"))
+            assert (await receive(ws))["message"][0]["text"] == "after rotation"

@@ -188,16 +188,16 @@ class WebSocketTransport:
 
     async def reconfigure(self, settings: WebSocketSettings) -> bool:
         """A reload (SIGHUP). The listening address, and switching TLS on or off, wait for a
-        restart (False). A new certificate and key serve new handshakes while open sockets
-        keep theirs; a pair that does not load is refused and the old one kept. Every other
+        restart (False). The certificate and key are re-read on every reload, changed paths
+        or not (a pair rotated in place); they serve new handshakes while open sockets keep
+        theirs; a pair that does not load is refused and the old one kept. Every other
         setting applies to the connections opened from now on."""
         old = self.settings
         if ((settings.host, settings.port) != (old.host, old.port)
                 or (settings.tls_cert is None) != (old.tls_cert is None)
                 or (settings.tls_cert is None) != (settings.tls_key is None)):
             return False
-        if settings.tls_cert is not None and (settings.tls_cert, settings.tls_key) != (
-                old.tls_cert, old.tls_key):
+        if settings.tls_cert is not None:
             try:
                 await trio.to_thread.run_sync(_new_ssl_context, settings)  # does it load?
             except (OSError, ssl.SSLError) as e:
