@@ -13,17 +13,19 @@ import json
 import re
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
-from amqp_support import BROKER, Names
+from amqp_support import BROKER, Broker, Names
 from ops_support import REPO, Bridged, NotifySocket, abstract_name, http, start_bridged
 from trio_websocket import WebSocketConnection
 from ws_support import client, receive, update
+
+from bridge_plugins.amqp_seam import Delivery
 
 EXAMPLE = REPO / "config.example.toml"
 #: The example config's AMQP names, kept as they are (each test has a vhost of its own).
@@ -59,6 +61,27 @@ async def fresh_vhost() -> AsyncIterator[Vhost]:
     finally:
         with trio.CancelScope(shield=True):
             await _rabbitmqctl("delete_vhost", vhost.name)
+
+
+async def archived(broker: Broker, ids: Iterable[str], within: float = 8.0
+                   ) -> list[Delivery]:
+    """What the archiver queue holds, read (and acknowledged) until every id of ``ids`` was
+    seen; duplicates (a republish after a lost confirm) are returned too."""
+    wanted = set(ids)
+    consumer = await broker.conn.open_consumer(NAMES.archive, 256)
+    got: list[Delivery] = []
+    with trio.fail_after(within):
+        while not wanted <= {d.message_id for d in got}:
+            for d in await consumer.receive():
+                consumer.ack(d.tag)
+                got.append(d)
+    consumer.cancel()
+    return got
+
+
+def first_seen(deliveries: Sequence[Delivery]) -> list[str]:
+    """The message ids in the order they first arrived."""
+    return list(dict.fromkeys(d.message_id for d in deliveries))
 
 
 # ---------------------------------------------------------------------------- config
@@ -197,8 +220,10 @@ class ChatClient:
 
 
 @asynccontextmanager
-async def chat(port: int, chat_id: str, query: str = "") -> AsyncIterator[ChatClient]:
-    async with client(port, chat_id, query) as ws:
+async def chat(port: int, chat_id: str, query: str = "", *,
+               headers: list[tuple[bytes, bytes]] | None = None
+               ) -> AsyncIterator[ChatClient]:
+    async with client(port, chat_id, query, headers=headers) as ws:
         yield ChatClient(ws)
 
 
