@@ -143,6 +143,15 @@ class Running:
                     return body
                 await trio.sleep(0.02)
 
+    async def until_metric(self, sample: str, within: float = 5.0) -> str:
+        """Poll /metrics until a line reads ``sample`` (name, labels and value); the text."""
+        with trio.fail_after(within):
+            while True:
+                _, _, body = await http(self.admin_port, "/metrics")
+                if sample in body.decode().splitlines():
+                    return body.decode()
+                await trio.sleep(0.02)
+
     async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
         """Send ``signum`` and wait for the exit code."""
         self.bridged.signal(signum)

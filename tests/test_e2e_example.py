@@ -11,6 +11,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import msgpack
 import yaml
 from amqp_support import open_broker
 from e2e_support import EXAMPLE, NAMES, chat, example_config, fresh_vhost, running, without_sequence
@@ -35,8 +36,11 @@ async def test_chat_echo_is_the_event_the_archiver_receives(tmp_path: Path) -> N
             assert set(ready["transports"]) == {"chat", "rabbit"}
             assert (await http(daemon.admin_port, "/healthz"))[0] == 200
 
-            async with chat(daemon.ws_port, "alice") as alice:
+            async with chat(daemon.ws_port, "alice") as alice, \
+                    chat(daemon.ws_port, "alice", "encoding=msgpack") as agent:
                 echo = await alice.say("Hello, I need help with my order", sender="alice")
+                fanned = await agent.next()  # binary msgpack frame, the same event
+                assert fanned == echo
                 assert echo["socket_sequence"] == 0
                 (item,) = echo["message"]
                 assert item["type"] == "message"
@@ -51,6 +55,15 @@ async def test_chat_echo_is_the_event_the_archiver_receives(tmp_path: Path) -> N
             assert archived.delivery_mode == 2  # persistent
             assert archived.content_type == "application/json"
             assert (archived.exchange, archived.routing_key) == ("chat", "chat.alice")
+            assert archived.headers["x-bridge-hops"] == 1  # SPEC §4: a hop count stamped
+
+            # (effects a moment after what the test saw: the confirm after the archiver's
+            # delivery, the server's count of closes after the clients' close handshakes)
+            await daemon.until_metric('bridged_socket_closes_total{code="1000",transport="chat"}'
+                                      " 2.0")  # both clients closed normally
+            metrics = await daemon.until_metric('bridged_published_total{transport="rabbit"} 1.0')
+            assert 'bridged_spool_depth{transport="rabbit"} 0.0' in metrics
+            assert 'bridged_messages_out_total{route="chat-fanout",transport="chat"} 1.0' in metrics
             assert await daemon.stop() == 0
 
 
@@ -71,7 +84,9 @@ async def test_notifications_reach_the_socket_and_bad_ones_are_dead_lettered(
             await broker.publish("notifications", b"{not json")
             await broker.publish("notifications", json.dumps(
                 {"userId": "alice", "timestamp": NOTIFICATION_TIME}).encode())
-            await broker.publish("notifications", notification("alice", "Delivered"))
+            await broker.publish("notifications", msgpack.packb(  # msgpack, said by type
+                {"userId": "alice", "message": "Delivered", "timestamp": NOTIFICATION_TIME}),
+                content_type="application/msgpack")
             after = await alice.next()  # the next valid one flows
             assert after["message"][0]["text"] == "Delivered"
             assert after["eventId"] > update["eventId"]

@@ -48,3 +48,31 @@ async def test_chat_keeps_working_through_a_broker_outage_and_nothing_is_lost(
             assert any(m.startswith("rabbit: broker connection lost") for m in daemon.messages())
             assert await daemon.stop() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_during_an_outage_keeps_the_outbox_for_the_next_start(
+        tmp_path: Path) -> None:
+    async with fresh_vhost() as vhost, open_broker(vhost.url()) as broker, \
+            trio.open_nursery() as nursery:
+        await broker.bind_archive(NAMES)
+        proxy: Proxy = await nursery.start(Proxy().run)
+        config = example_config(tmp_path, vhost.url(proxy.port))
+        async with running(config) as daemon:
+            async with chat(daemon.ws_port, "alice") as alice:
+                echoes = [(await alice.say("before"))["eventId"]]
+                proxy.cut()
+                await daemon.until_readyz(503)
+                echoes += [(await alice.say(f"during {i}"))["eventId"] for i in range(5)]
+                signalled = trio.current_time()
+                assert await daemon.stop() == 0  # the broker is away: no waiting for it
+            assert trio.current_time() - signalled < 10.0
+            assert "drained" in daemon.messages()
+        assert await broker.ready(NAMES.archive) < len(echoes)  # some wait in the outbox
+
+        proxy.restore()
+        async with running(config, log_name="bridged-2.stderr") as daemon:
+            assert any("messages wait in the outbox" in m for m in daemon.messages())
+            got = await archived(broker, echoes)
+            assert first_seen(got) == echoes
+            assert await daemon.stop() == 0
+        nursery.cancel_scope.cancel()
