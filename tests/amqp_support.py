@@ -129,9 +129,10 @@ class Broker:
 
 
 @asynccontextmanager
-async def open_broker() -> AsyncIterator[Broker]:
+async def open_broker(url: str | None = None) -> AsyncIterator[Broker]:
+    """A connection to the test broker (this process's vhost unless ``url`` says)."""
     async with open_island("test") as island:
-        conn = await Connection.open(island, broker_url(), timeout_s=5)
+        conn = await Connection.open(island, url or broker_url(), timeout_s=5)
         try:
             yield Broker(conn)
         finally:

@@ -170,15 +170,18 @@ def _log_file(path: Path) -> Iterator[int]:
 
 async def start_bridged(config: Path, notify: NotifySocket, *,
                         extra_env: dict[str, str] | None = None,
-                        pythonpath: Sequence[Path] = ()) -> Bridged:
+                        pythonpath: Sequence[Path] = (), args: Sequence[str] = (),
+                        log_name: str = "bridged.stderr") -> Bridged:
+    """Start the daemon; ``args`` are appended to ``run -c CONFIG``, its stderr goes to
+    ``log_name`` beside the config."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["NOTIFY_SOCKET"] = notify.name
     env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), env.get("PYTHONPATH", "")])
     env.update(extra_env or {})
-    log_path = config.parent / "bridged.stderr"
+    log_path = config.parent / log_name
     with _log_file(log_path) as fd:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "bridge", "run", "-c", str(config)],
+            [sys.executable, "-m", "bridge", "run", "-c", str(config), *args],
             env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=str(config.parent))
     return Bridged(process, log_path)

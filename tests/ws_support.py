@@ -146,6 +146,9 @@ async def client(port: int, chat_id: str = "room", query: str = "", *,
         try:
             yield ws
         finally:
+            # The closing handshake first (1000), so the server sees a normal close.
+            with trio.move_on_after(5):
+                await ws.aclose()
             # trio-websocket 0.12's client never closes its TCP stream when the server
             # closed the WebSocket first (aclose returns early), so the socket leaks.
             await ws._stream.aclose()
