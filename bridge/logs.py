@@ -49,6 +49,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika/aiormq are chatty at info about reconnect internals we already log.
+    # aio-pika/aiormq log every broker disconnect as a warning with a traceback; the AMQP
+    # transport already logs the loss and each reconnect in one line, so keep only errors.
     for noisy in ("aiormq", "aio_pika"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
