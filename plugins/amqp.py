@@ -122,6 +122,12 @@ class AmqpSettings:
     tls_key_file: Path | None = setting(None, doc="client key for amqps")
     tls_verify: bool = setting(True, doc="verify the broker's certificate and name")
 
+    def __post_init__(self) -> None:
+        if self.consume_queue and not self.dead_letter_queue:
+            # Reported by the config loader with file and line.
+            raise ValueError("dead_letter_queue must be set when consume_queue is: a message"
+                             " that cannot be handled is dead-lettered, never dropped")
+
 
 def redact(url: str) -> str:
     """``url`` without its password."""
@@ -447,13 +453,7 @@ class AmqpTransport:
                 ctx.count("dead_letters_total", reason=reason)
             self._handled(d.message_id, ok)
 
-        if s.dead_letter_queue:
-            consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
-        else:
-            log.warning("%s: no dead_letter_queue set; dropping delivery %s", self.name,
-                        d.message_id or "-")
-            consumer.ack(d.tag)
-            done(True)
+        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
 
     def _handled(self, mid: str, final: bool) -> None:
         """Delivery with id ``mid`` is acknowledged (``final``) or left for redelivery."""

@@ -450,6 +450,9 @@ def test_settings_are_checked(tmp_path: Path) -> None:
     assert "url: must be an amqp:// or amqps:// URL" in text
     assert "unknown placeholder {room}" in text
     assert "prefetch: must be greater than 0" in text
+    no_dead_letters = config(tmp_path, names, broker_url(), amqp={"dead_letter_queue": ""})
+    with pytest.raises(ConfigError, match="dead_letter_queue must be set when consume_queue is"):
+        load_config(no_dead_letters)
 
 
 def test_url_is_redacted() -> None:
