@@ -82,6 +82,11 @@ def percentile(values: Sequence[float], p: float) -> float:
     return float(ordered[k])
 
 
+def fmt(x: float) -> str:
+    """A figure for people: thousands separators for big ones, 3 digits for small ones."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def now_ns() -> int:
     """CLOCK_MONOTONIC in ns: one clock for every process on the machine."""
     return time.monotonic_ns()
@@ -359,8 +364,8 @@ class Bench:
         summary = self.summary(keys)
         print()
         for config, stats in summary.items():
-            parts = [f"{k} {s['median']:,.4g}{units.get(k, '')} ({s['min']:,.4g}-{s['max']:,.4g})"
-                     for k, s in stats.items()]
+            parts = [f"{k} {fmt(s['median'])}{units.get(k, '')}"
+                     f" ({fmt(s['min'])}-{fmt(s['max'])})" for k, s in stats.items()]
             print(f"{config:28} " + "; ".join(parts))
         for label, value in self.ratios.items():
             print(f"ratio {label}: {value:.2f}x")
