@@ -211,7 +211,7 @@ class WebSocketTransport:
         return True
 
     def stop_accepting(self) -> None:
-        self._accepting = False  # handshakes under way are refused with 503
+        self._accepting = False  # handshakes under way: 503; client frames: no longer taken
         self._accept_scope.cancel()
         self._listening = False
 
@@ -401,6 +401,8 @@ class WebSocketTransport:
                 data = await connection.get_message()
             except ConnectionClosed:
                 return
+            if not self._accepting:
+                continue  # draining: not taken, so never echoed; the client resends it
             if expires_at is not None and time.time() >= expires_at:
                 sock.close(EXPIRED, "token expired")
                 return
