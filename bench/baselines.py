@@ -9,8 +9,8 @@ a time per connection).
 every connection is in one room; each frame a client sends is put, as received, into every
 connection's bounded queue (``send_nowait``), and a writer task per connection sends from
 its queue. With ``--heartbeat S`` the writer also sends a heartbeat frame every S seconds
-when idle (the same loop shape as the bridge's writer). Heartbeat lateness is measured by
-the clients.
+when idle (the same loop shape as the bridge's writer); stdin ``start`` / ``stop``
+records how late the writers woke for heartbeats and prints p50/p99.
 
     python bench/baselines.py naive --port 8765 --queue q
     python bench/baselines.py broadcast --port 8766 [--heartbeat 5]
@@ -25,10 +25,11 @@ import asyncio
 import itertools
 import json
 import math
+import sys
 import time
 
 import trio
-from harness import print_json
+from harness import percentile, print_json
 
 # --------------------------------------------------------------------------- naive bridge
 
@@ -68,6 +69,7 @@ async def broadcast(port: int, heartbeat: float, queue_size: int) -> None:
 
     room: set[trio.MemorySendChannel[str | bytes]] = set()
     heartbeat_frame = json.dumps({"type": "heartbeat"})
+    lateness: list[float] | None = None  # heartbeat lateness (s), while recording
 
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()
@@ -83,6 +85,8 @@ async def broadcast(port: int, heartbeat: float, queue_size: int) -> None:
                     if frame is None:
                         frame = heartbeat_frame
                         now = trio.current_time()
+                        if lateness is not None:
+                            lateness.append(now - beat)
                         beat = beat + heartbeat if beat + heartbeat > now else now + heartbeat
                     await ws.send_message(frame)
 
@@ -106,9 +110,22 @@ async def broadcast(port: int, heartbeat: float, queue_size: int) -> None:
         finally:
             room.discard(send)
 
+    async def commands() -> None:
+        """stdin ``start``: record heartbeat lateness; ``stop``: print its percentiles."""
+        nonlocal lateness
+        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+            if line.strip() == "start":
+                lateness = []
+            elif line.strip() == "stop" and lateness is not None:
+                print_json({"server_lateness_p50_ms": percentile(lateness, 50) * 1000,
+                            "server_lateness_p99_ms": percentile(lateness, 99) * 1000,
+                            "server_lateness_count": len(lateness)})
+                lateness = None
+
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)
         print_json({"ready": True})
+        nursery.start_soon(commands)
 
 
 def main() -> None:

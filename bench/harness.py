@@ -156,9 +156,10 @@ class Proc:
         self.lines.append(obj)
         return obj
 
-    def go(self) -> None:
+    def go(self, line: str = "go") -> None:
+        """Write a line to the process's stdin (``go`` by default)."""
         assert self.popen.stdin is not None
-        self.popen.stdin.write("go\n")
+        self.popen.stdin.write(line + "\n")
         self.popen.stdin.flush()
 
     def result(self, timeout: float = 300) -> dict[str, Any]:
@@ -251,6 +252,22 @@ def wait_listening(port: int, timeout: float = 30, host: str = "127.0.0.1") -> N
             time.sleep(0.02)
 
 
+def start_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
+    """``py-spy record`` attached to ``pid`` (every thread, collapsed stacks to ``path``;
+    summarise with bench/pyspy_top.py)."""
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                            "--pid", str(pid), "-o", path, "-f", "raw", "--threads",
+                            "--nonblocking", "-r", "250"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached
+    return spy
+
+
+def stop_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes what it has
+    spy.wait(60)
+
+
 @contextlib.contextmanager
 def daemon(config: str, *, wait: str = "ready", port: int | None = None,
            profile: str | None = None, timeout: float = 60) -> Iterator[Daemon]:
@@ -258,7 +275,8 @@ def daemon(config: str, *, wait: str = "ready", port: int | None = None,
 
     ``wait="ready"`` returns at ``READY=1`` on the notify socket; ``wait="port"`` as soon as
     ``port`` accepts connections (for configs that are deliberately not ready yet).
-    ``profile`` runs the daemon under ``py-spy record`` writing that file (speedscope)."""
+    ``profile`` runs the daemon under ``py-spy record`` writing that file (collapsed
+    stacks, per thread; summarise with bench/pyspy_top.py)."""
     with tempfile.TemporaryDirectory(prefix="bridged-bench-") as tmp:
         directory = Path(tmp)
         path = directory / "bridged.toml"
@@ -267,10 +285,10 @@ def daemon(config: str, *, wait: str = "ready", port: int | None = None,
         name = f"bridged-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(b"\0" + name.encode())
-        cmd = [sys.executable, "-m", "bridge", "run", "-c", str(path)]
-        if profile:
-            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", profile,
-                   "-f", "speedscope", "-r", "200", "--", *cmd]
+        cmd = [sys.executable, os.environ.get("BENCH_DAEMON_MAIN", "-m bridge").split()[0]]
+        cmd += os.environ.get("BENCH_DAEMON_MAIN", "-m bridge").split()[1:]
+        cmd += ["run", "-c", str(path)]
+        spy: subprocess.Popen[bytes] | None = None
         env = dict(os.environ, NOTIFY_SOCKET="@" + name)
         with open(log, "wb") as logf:
             t0 = time.monotonic()
@@ -290,9 +308,13 @@ def daemon(config: str, *, wait: str = "ready", port: int | None = None,
                 assert port is not None
                 wait_listening(port, timeout)
             d = Daemon(proc, directory, time.monotonic() - t0, log)
+            if profile:
+                spy = start_spy(proc.pid, profile)
             yield d
         finally:
             notify.close()
+            if spy is not None:
+                stop_spy(spy)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -325,6 +347,10 @@ class Bench:
     def rounds(self, configs: dict[str, Callable[[], dict[str, Any]]], rounds: int,
                show: Callable[[dict[str, Any]], str]) -> None:
         """Each round runs every configuration once, in a fresh random order."""
+        only = getattr(self.args, "only", "")
+        if only:
+            configs = {k: v for k, v in configs.items()
+                       if any(part in k for part in only.split(","))}
         for name in configs:
             self.runs.setdefault(name, [])
         for r in range(rounds):
@@ -343,6 +369,8 @@ class Bench:
         return float(statistics.median(values)) if values else math.nan
 
     def ratio(self, label: str, num: str, den: str, key: str) -> float:
+        if num not in self.runs or den not in self.runs:
+            return math.nan
         value = self.median(num, key) / self.median(den, key)
         self.ratios[label] = value
         return value
@@ -392,6 +420,9 @@ def parser(doc: str | None, *, rounds: int) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
     p.add_argument("--url", default=URL, help="RabbitMQ (loopback)")
     p.add_argument("--profile", default=None,
-                   help="run the bridged daemon under py-spy, writing this speedscope file")
+                   help="profile the bridged daemon with py-spy: collapsed stacks to this file")
+    p.add_argument("--only", default="",
+                   help="run only the configurations whose name contains one of these"
+                        " comma-separated texts (for profiling; ratios need both)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p

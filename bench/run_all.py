@@ -23,7 +23,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "amqp_to_ws": ([], ["--n", "4000", "--rounds", "1"]),
     "seam": ([], ["--n", "4000", "--rounds", "1"]),
     "fanout": ([], ["--events", "50", "--rounds", "1"]),
-    "connections": ([], ["--sockets", "1000", "--window", "6", "--rounds", "1"]),
+    "connections": ([], ["--sockets", "1000", "--interval", "2", "--window", "5",
+                         "--rounds", "1"]),
     "latency": ([], ["--seconds", "3", "--rounds", "1"]),
     "lifecycle": ([], ["--rounds", "1"]),
 }
