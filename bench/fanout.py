@@ -12,7 +12,7 @@ socket in its own process (also on the chat, so it gets every update too) that s
 ``--events`` updates with at most ``--window`` not yet echoed back to it. Deliveries are
 events x (sockets + 1); the time runs from the first send to the last socket's last update.
 
-    .venv/bin/python bench/fanout.py [--sockets 1000] [--procs 4] [--events 300] [--rounds 3]
+    .venv/bin/python bench/fanout.py [--sockets 1000] [--procs 4] [--events 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     p = harness.parser(__doc__, rounds=3)
     p.add_argument("--sockets", type=int, default=1000, help="receiving sockets")
     p.add_argument("--procs", type=int, default=4, help="receiving client processes")
-    p.add_argument("--events", type=int, default=300)
+    p.add_argument("--events", type=int, default=200)
     p.add_argument("--window", type=int, default=32, help="events in flight at most")
     p.add_argument("--port", type=int)
     p.add_argument("--chat")

@@ -212,6 +212,12 @@ def measure(args: Any, config: str) -> dict[str, Any]:
                 .replace("@URL@", args.url).replace("@QUEUE@", queue))
         if config.startswith("ws->ws"):
             text += FANOUT
+        if args.history == "off":
+            text = text.replace("[transports.chat]", '[plugins]\ndisable = ["history"]\n'
+                                '[transports.chat]', 1)
+        elif args.history != "full":
+            text += f'[plugins.history]\nsynchronous = "{args.history}"\n'
+
         with harness.daemon(text, profile=args.profile) as d:
             return drive(d.pid)
     finally:
@@ -228,6 +234,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second")
     p.add_argument("--seconds", type=float, default=8.0, help="sending time per run")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds left out at the start")
+    p.add_argument("--history", choices=("full", "normal", "off"), default="full",
+                   help="the bridge's history: synchronous full (the default), normal, off")
     p.add_argument("--port", type=int)
     p.add_argument("--chat")
     p.add_argument("--queue")
