@@ -10,6 +10,10 @@
   ``bench/results/<name>-<UTC stamp>.json`` with the command, the date, the commit and the
   versions that made it.
 
+``BENCH_DAEMON_MAIN=/path/script.py`` runs that script instead of ``-m bridge`` as the daemon
+(e.g. a wrapper that logs garbage-collector pauses, then calls ``bridge.cli.main``); it is
+recorded in the JSON. ``BENCH_KEEP_LOGS=1`` keeps each daemon's log in bench/results/logs/.
+
 Workers are the scenario scripts themselves, started again with ``--worker ROLE``; a worker
 prints exactly one JSON object per line and nothing else on stdout.
 """
@@ -407,6 +411,7 @@ class Bench:
             "args": {k: v for k, v in vars(self.args).items() if k != "worker"},
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "versions": versions("websockets"),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("BENCH_")},
             "summary": summary, "ratios": self.ratios, "extra": self.extra, "runs": self.runs,
         }, indent=2, default=str) + "\n")
         print(f"written to {path.relative_to(ROOT)}")

@@ -215,6 +215,8 @@ def measure(args: Any, config: str) -> dict[str, Any]:
         if args.history == "off":
             text = text.replace("[transports.chat]", '[plugins]\ndisable = ["history"]\n'
                                 '[transports.chat]', 1)
+        elif args.history == "no-prune":
+            text += "[plugins.history]\nretention_count = 100000000\n"
         elif args.history != "full":
             text += f'[plugins.history]\nsynchronous = "{args.history}"\n'
 
@@ -234,8 +236,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second")
     p.add_argument("--seconds", type=float, default=8.0, help="sending time per run")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds left out at the start")
-    p.add_argument("--history", choices=("full", "normal", "off"), default="full",
-                   help="the bridge's history: synchronous full (the default), normal, off")
+    p.add_argument("--history", choices=("full", "normal", "off", "no-prune"), default="full",
+                   help="the bridge's history: synchronous full (the default), normal, off,"
+                        " or full without the per-chat retention pruning")
     p.add_argument("--port", type=int)
     p.add_argument("--chat")
     p.add_argument("--queue")
