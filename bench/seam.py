@@ -33,6 +33,7 @@ from typing import Any
 
 import aio_pika
 import trio
+from harness import commit
 
 from bridge_plugins.amqp_seam import Connection, Outgoing, Properties, open_island
 
@@ -241,7 +242,8 @@ def orchestrate(args: argparse.Namespace) -> None:
     path = RESULTS / f"seam-{stamp}.json"
     path.write_text(json.dumps({
         "command": " ".join(["python", "bench/seam.py", *sys.argv[1:]]),
-        "when": stamp, "n": args.n, "rounds": args.rounds, "window": args.window,
+        "when": stamp, "commit": commit(), "n": args.n, "rounds": args.rounds,
+        "window": args.window,
         "prefetch": args.prefetch, "persistent": not args.transient,
         "python": platform.python_version(), "machine": platform.machine(),
         "versions": {p: version(p) for p in ("aio-pika", "aiormq", "trio")},

@@ -88,6 +88,8 @@ class _Outbound:
 class _Socket:
     """One accepted (or being accepted) client on a chat."""
 
+    __slots__ = ("_close_timeout", "_scope", "chat", "code", "flush", "framer", "id", "reason",
+                 "receive", "send")
     _ids = count(1)
 
     def __init__(self, chat: ChatRequest, framer: Framer, queue: int, close_timeout: float,
@@ -146,6 +148,7 @@ class WebSocketTransport:
         self._accept_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
+        self._framers: dict[str, tuple[Any, Framer]] = {}  # encoding -> (codec, framer)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -211,7 +214,7 @@ class WebSocketTransport:
         return True
 
     def stop_accepting(self) -> None:
-        self._accepting = False  # handshakes under way are refused with 503
+        self._accepting = False  # handshakes under way: 503; client frames: no longer taken
         self._accept_scope.cancel()
         self._listening = False
 
@@ -307,7 +310,8 @@ class WebSocketTransport:
                         and origin not in s.allowed_origins):
                     raise Refusal(403, "origin not allowed")
                 identity = await self._authenticate(ctx, chat, request, headers)
-                sock = _Socket(chat, FRAMERS[chat.encoding](ctx.codec(chat.encoding)),
+                del headers  # not kept for the life of the connection (memory per socket)
+                sock = _Socket(chat, self._framer(ctx, chat.encoding),
                                self.settings.outbound_queue, self.settings.close_timeout_s,
                                scope)
                 self._register(sock)  # before the replay is read: nothing falls in between
@@ -333,6 +337,14 @@ class WebSocketTransport:
         finally:
             if sock is not None:
                 self._unregister(sock)
+
+    def _framer(self, ctx: TransportContext, encoding: str) -> Framer:
+        """The framer of ``encoding`` (one per codec: framers keep no per-socket state)."""
+        codec = ctx.codec(encoding)
+        cached = self._framers.get(encoding)
+        if cached is None or cached[0] is not codec:
+            cached = self._framers[encoding] = (codec, FRAMERS[encoding](codec))
+        return cached[1]
 
     async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
                             request: WebSocketRequest, headers: dict[str, str]) -> Any:
@@ -401,6 +413,8 @@ class WebSocketTransport:
                 data = await connection.get_message()
             except ConnectionClosed:
                 return
+            if not self._accepting:
+                continue  # draining: not taken, so never echoed; the client resends it
             if expires_at is not None and time.time() >= expires_at:
                 sock.close(EXPIRED, "token expired")
                 return
