@@ -13,7 +13,7 @@ when idle (the same loop shape as the bridge's writer); stdin ``start`` / ``stop
 records how late the writers woke for heartbeats and prints p50/p99.
 
     python bench/baselines.py naive --port 8765 --queue q
-    python bench/baselines.py broadcast --port 8766 [--heartbeat 5]
+    python bench/baselines.py broadcast --port 8766 [--heartbeat 5] [--tuned-gc]
 
 Each prints ``{"ready": true}`` once listening and serves until killed.
 """
@@ -136,10 +136,16 @@ def main() -> None:
     p.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     p.add_argument("--heartbeat", type=float, default=0.0)
     p.add_argument("--queue-size", type=int, default=4096)
+    p.add_argument("--tuned-gc", action="store_true",
+                   help="the garbage-collector settings of bridged (bridge.cli.tune_gc)")
     a = p.parse_args()
     if a.kind == "naive":
         asyncio.run(naive(a.port, a.queue, a.url))
     else:
+        if a.tuned_gc:
+            from bridge.cli import tune_gc
+
+            tune_gc()  # the bridge's own collector settings, for a like-for-like floor
         trio.run(broadcast, a.port, a.heartbeat, a.queue_size)
 
 

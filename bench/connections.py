@@ -17,8 +17,8 @@ connection, over the sockets); heartbeat lateness p50/p99 as the server sees it 
 ``bridged_heartbeat_lateness_seconds`` from /metrics, so bucket bounds; the raw server keeps
 the exact values); the gap the clients see (arrival minus the previous heartbeat's arrival on
 the socket, minus the interval); the server's CPU over the window (idle but for heartbeats).
-The raw server runs with CPython's default garbage-collector settings, bridged with its own
-(bridge/cli.py ``tune_gc``).
+The raw server runs twice: with CPython's default garbage-collector settings, and with the
+bridge's (bridge/cli.py ``tune_gc``), the like-for-like floor.
 
     .venv/bin/python bench/connections.py [--sockets 2000,15000] [--rounds 1]
 """
@@ -197,6 +197,7 @@ def measure(args: Any, config: str, n: int) -> dict[str, Any]:
     if config.startswith("raw"):
         cmd = [sys.executable, str(harness.BENCH / "baselines.py"), "broadcast",
                "--port", str(port), "--heartbeat", str(args.interval)]
+        cmd += ["--tuned-gc"] if "tuned" in config else []
         with processes([cmd]) as (server,):
             return run_clients(args, server.pid, port, n, RawServer(server))
     admin = harness.free_port()
@@ -229,7 +230,7 @@ def main() -> None:
     for n in (int(x) for x in args.sockets.split(",")):
         print(f"{n} heartbeat=true sockets, interval {args.interval} s, window {args.window} s")
         configs = {f"{c} {n}": (lambda c=c, n=n: measure(args, c, n))
-                   for c in ("raw trio-websocket heartbeat", "bridged")}
+                   for c in ("raw trio-websocket heartbeat", "raw, tuned GC", "bridged")}
         bench.rounds(configs, args.rounds,
                      lambda r: f"{r['rss_kb_per_socket']:.1f} KB/socket, lateness p50"
                                f" {r.get('server_lateness_p50_ms', math.nan):.1f}"
@@ -238,6 +239,8 @@ def main() -> None:
                                f" CPU {r['idle_cpu_share']:.1%}, connect {r['connect_s']:.1f} s")
         bench.ratio(f"RSS per socket bridged / raw at {n}", f"bridged {n}",
                     f"raw trio-websocket heartbeat {n}", "rss_kb_per_socket")
+        bench.ratio(f"RSS per socket bridged / raw with tuned GC at {n}", f"bridged {n}",
+                    f"raw, tuned GC {n}", "rss_kb_per_socket")
     bench.report(keys)
 
 

@@ -3,6 +3,8 @@
 * ``raw trio-websocket broadcast``: bench/baselines.py ``broadcast``: each frame a client
   sends goes, as received, into every connection's bounded queue; one writer task per
   connection sends it.
+* ``raw broadcast, tuned GC``: the same with the bridge's garbage-collector settings
+  (bridge/cli.py ``tune_gc``), the like-for-like floor.
 * ``bridged``: a ``bridged run`` process with the chat -> chat route: each update is
   validated, enriched (eventId, timestamps), stored in the history, encoded once and spliced
   with every socket's ``socket_sequence``.
@@ -72,16 +74,16 @@ def run_clients(args: Any, server_pid: int, port: int) -> dict[str, Any]:
 
 def measure(args: Any, config: str) -> dict[str, Any]:
     port = harness.free_port()
-    if config == "raw trio-websocket broadcast":
+    if config.startswith("raw"):
         cmd = [sys.executable, str(harness.BENCH / "baselines.py"), "broadcast",
-               "--port", str(port)]
+               "--port", str(port)] + (["--tuned-gc"] if "tuned" in config else [])
         with processes([cmd]) as (server,):
             return run_clients(args, server.pid, port)
     with harness.daemon(CONFIG.replace("@PORT@", str(port)), profile=args.profile) as d:
         return run_clients(args, d.pid, port)
 
 
-CONFIGS = ("raw trio-websocket broadcast", "bridged")
+CONFIGS = ("raw trio-websocket broadcast", "raw broadcast, tuned GC", "bridged")
 
 
 def main() -> None:
@@ -109,6 +111,8 @@ def main() -> None:
                                f" (server {r['server_cpu_share']:.0%} CPU)")
         bench.ratio("bridged / raw broadcast", "bridged", "raw trio-websocket broadcast",
                     "deliveries_per_s")
+        bench.ratio("bridged / raw broadcast with the bridge's GC settings", "bridged",
+                    "raw broadcast, tuned GC", "deliveries_per_s")
         bench.report(["deliveries_per_s", "events_per_s", "server_cpu_share",
                       "server_cpu_us_per_delivery"])
 

@@ -190,11 +190,13 @@ def measure(args: Any, config: str) -> dict[str, Any]:
     def drive(server_pid: int) -> dict[str, Any]:
         with processes(clients) as (recv, send):
             c0 = cpu_seconds(server_pid) if server_pid else 0.0
+            s0 = harness.sys_seconds(server_pid) if server_pid else 0.0
             send.go()
             sent = send.read(args.seconds + 30)["sent"]
             out = recv.read(args.seconds + 60)
             if server_pid:
                 out["server_cpu_share"] = (cpu_seconds(server_pid) - c0) / args.seconds
+                out["server_sys_share"] = (harness.sys_seconds(server_pid) - s0) / args.seconds
             out["sent"] = sent
             return out
 
@@ -263,7 +265,8 @@ def main() -> None:
     for kind, raw in (("ws->ws", "raw broadcast"), ("notification", "raw aio-pika")):
         for q in ("p50_ms", "p99_ms"):
             bench.ratio(f"{kind} {q} bridged / {raw}", f"{kind} bridged", f"{kind} {raw}", q)
-    bench.report(["p50_ms", "p99_ms", "max_ms", "count", "server_cpu_share"])
+    bench.report(["p50_ms", "p99_ms", "max_ms", "count", "server_cpu_share",
+                  "server_sys_share"])
 
 
 if __name__ == "__main__":
