@@ -27,16 +27,7 @@ import harness
 import wsload
 from harness import Bench, cpu_seconds, processes, unique, worker_cmd
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-[admin]
-enabled = false
-[log]
-level = "warning"
-[transports.chat]
-type = "websocket"
-port = @PORT@
+CONFIG = harness.DAEMON_HEAD + """
 outbound_queue = 4096
 max_connections_per_address = 20000
 rate_limit_per_s = 1000000.0

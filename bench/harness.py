@@ -53,6 +53,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- small helpers
 
 
+#: The daemon config every scenario starts from: quiet logs, no admin listener, the chat on
+#: @PORT@ (state in {state}); a scenario appends its own chat settings and tables.
+DAEMON_HEAD = """
+[daemon]
+state_dir = "{state}"
+[admin]
+enabled = false
+[log]
+level = "warning"
+[transports.chat]
+type = "websocket"
+port = @PORT@
+"""
+
+
 def unique(prefix: str) -> str:
     """A name no other run uses (queues, exchanges, chats)."""
     return f"{prefix}.{uuid.uuid4().hex[:10]}"

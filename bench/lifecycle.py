@@ -30,16 +30,7 @@ import websockets
 import wsload
 from harness import Bench, print_json, processes, worker_cmd
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-[admin]
-enabled = false
-[log]
-level = "warning"
-[transports.chat]
-type = "websocket"
-port = @PORT@
+CONFIG = harness.DAEMON_HEAD + """
 rate_limit_per_s = 100000.0
 rate_burst = 100000
 [transports.rabbit]

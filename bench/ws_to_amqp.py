@@ -33,16 +33,7 @@ import rabbit
 import wsload
 from harness import Bench, cpu_seconds, processes, unique, worker_cmd
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-[admin]
-enabled = false
-[log]
-level = "warning"
-[transports.chat]
-type = "websocket"
-port = @PORT@
+CONFIG = harness.DAEMON_HEAD + """
 rate_limit_per_s = 1000000.0
 rate_burst = 1000000
 [transports.rabbit]
