@@ -27,6 +27,7 @@ from bridge.config import (
     TransportConfig,
 )
 from bridge.contracts import CHAT, NOTIFICATIONS, load
+from bridge.testing import MEMORY_AB
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKER = ROOT / "tools" / "asyncapi-check"
@@ -149,27 +150,15 @@ def test_contract_copies_validate(tmp_path: Path) -> None:
         assert report["valid"], report
 
 
-MEMORY_CONFIG = """
-[transports.client]
-type = "memory"
-[transports.out]
-type = "memory"
-[[routes]]
-name = "client-out"
-from = "client"
-to = ["out"]
-"""
-
-
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bridged.toml"
-    path.write_text(MEMORY_CONFIG)
+    path.write_text(MEMORY_AB)
     assert main(["asyncapi", "-c", str(path), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["info"]["title"] == "bridged: bridged.toml"
     assert doc["channels"] == {}  # memory transports have no wire
     assert main(["asyncapi", "-c", str(path)]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == doc
-    path.write_text(MEMORY_CONFIG.replace('"out"]', '"nowhere"]'))
+    path.write_text(MEMORY_AB.replace('["b"]', '["nowhere"]'))
     assert main(["asyncapi", "-c", str(path)]) == 1
     assert "unknown transport 'nowhere'" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from bridge import (
     PluginContext,
     ReplayGap,
 )
-from bridge.testing import run_bridge, write_config
+from bridge.testing import MEMORY_AB, run_bridge, write_config
 from bridge_plugins.history import DB_NAME, HistorySettings, Plugin
 
 BASE_MS = 1_700_000_000_000
@@ -149,23 +149,11 @@ async def test_survives_restart_of_the_plugin(tmp_path: Path) -> None:
             await h.bridge_replay_messages("c1", ZERO)
 
 
-CONFIG = """
-[transports.client]
-type = "memory"
-[transports.out]
-type = "memory"
-[[routes]]
-name = "client-out"
-from = "client"
-to = ["out"]
-"""
-
-
 async def test_survives_restart_of_the_daemon(tmp_path: Path) -> None:
-    config = write_config(tmp_path, CONFIG)
+    config = write_config(tmp_path, MEMORY_AB)
     async with run_bridge(config) as daemon:
         for n in (1, 2):
-            outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
+            outcome = await daemon.transports["a"].inject(  # type: ignore[attr-defined]
                 {"type": "update", "message": [{"type": "message", "text": f"#{n}"}]},
                 kind=CHAT_EVENT, chat_id="c1", id=eid(n))
             assert isinstance(outcome, Accepted), outcome

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from bridge import CHAT_EVENT, NOTIFICATION, Accepted, ContractError, Message, Rejected
-from bridge.testing import run_bridge, write_config
+from bridge.testing import MEMORY_AB, run_bridge, write_config
 from bridge_plugins.validation import (
     Plugin,
     ValidationSettings,
@@ -159,20 +159,12 @@ def test_other_kinds_and_settings() -> None:
 CONFIG = """
 [plugins]
 disable = ["history"]
-[transports.client]
-type = "memory"
-[transports.out]
-type = "memory"
-[[routes]]
-name = "client-out"
-from = "client"
-to = ["out"]
-"""
+""" + MEMORY_AB
 
 
 async def test_daemon_rejects_with_the_field(tmp_path: Any) -> None:
     async with run_bridge(write_config(tmp_path, CONFIG)) as daemon:
-        client = daemon.transports["client"]
+        client = daemon.transports["a"]
         outcome = await client.inject(  # type: ignore[attr-defined]
             {"type": "update", "message": [{"type": "message", "txt": "hi"}]},
             kind=CHAT_EVENT, chat_id="c1")
@@ -183,15 +175,15 @@ async def test_daemon_rejects_with_the_field(tmp_path: Any) -> None:
         outcome = await client.inject(  # type: ignore[attr-defined]
             {"type": "update", "message": [ITEM]}, kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
-        delivered = daemon.transports["out"].received.receive_nowait()  # type: ignore[attr-defined]
+        delivered = daemon.transports["b"].received.receive_nowait()  # type: ignore[attr-defined]
         assert delivered.body["message"][0]["text"] == ITEM["text"]
 
 
 async def test_daemon_settings_select_kinds(tmp_path: Any) -> None:
-    config = CONFIG.replace("[transports.client]",
-                            '[plugins.validation]\nkinds = ["notification"]\n[transports.client]')
+    config = CONFIG.replace("[transports.a]",
+                            '[plugins.validation]\nkinds = ["notification"]\n[transports.a]')
     async with run_bridge(write_config(tmp_path, config)) as daemon:
-        outcome = await daemon.transports["client"].inject(  # type: ignore[attr-defined]
+        outcome = await daemon.transports["a"].inject(  # type: ignore[attr-defined]
             {"type": "update", "message": [ITEM], "extra": 1}, kind=CHAT_EVENT, chat_id="c1")
         assert isinstance(outcome, Accepted), outcome
 
