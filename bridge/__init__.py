@@ -35,6 +35,7 @@ from .transport import (
     TransportContext,
     TransportType,
 )
+from .worker import WorkerThread
 
 hookimpl = pluggy.HookimplMarker("bridge")
 
@@ -65,6 +66,7 @@ __all__ = [
     "Transport",
     "TransportContext",
     "TransportType",
+    "WorkerThread",
     "hookimpl",
     "setting",
 ]
