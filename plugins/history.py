@@ -1,16 +1,17 @@
 """Built-in plugin ``history``: chat events kept in SQLite, replayed behind ``since=<eventId>``.
 
-The database is ``<state_dir>/history.sqlite3`` in WAL mode. One connection is used from one
-worker thread at a time (``trio.to_thread.run_sync`` with a limiter of 1), so the trio loop
-never blocks on the disk. ``bridge_persist_messages`` stores a whole batch in one transaction
-and returns only after the commit: durable against a crash of the process with
-``synchronous = "normal"``, against a power loss with ``"full"`` (the default).
+The database is ``<state_dir>/history.sqlite3`` in WAL mode. Its one connection lives on one
+:class:`bridge.WorkerThread`, so the trio loop never blocks on the disk.
+``bridge_persist_messages`` stores a whole batch in one transaction and returns only after
+the commit. With ``synchronous = "normal"`` the commit survives a crash of the process; with
+``"full"`` (the default) it also survives a power loss.
 
-Retention, per chat: the newest ``retention_count`` events (pruned on every write) and events
-stored less than ``retention_age_s`` ago (pruned by a background task every
-``prune_interval_s`` and at start-up). Pruning always removes a chat's oldest events, so
-what is gone is exactly the events with ids up to the chat's *low-water mark*: the greatest
-pruned id, kept in the ``chats`` table.
+Retention, per chat: the newest ``retention_count`` events, pruned in the same transaction as
+every write that goes over that count, and the events stored less than ``retention_age_s``
+ago, pruned at start-up and by a background task every ``prune_interval_s``. The store
+counts each chat's events in memory, so a write only looks at the oldest events it removes.
+Pruning always removes a chat's oldest events, so what is gone is exactly the events with ids
+up to the chat's *low-water mark*: the greatest pruned id, kept in the ``chats`` table.
 
 Replay rule (``bridge_replay_messages(chat_id, since)``), see docs/history.md:
 
@@ -28,6 +29,7 @@ import logging
 import re
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from bridge import (
     Message,
     PluginContext,
     ReplayGap,
+    WorkerThread,
     hookimpl,
     setting,
 )
@@ -51,6 +54,9 @@ T = TypeVar("T")
 
 EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
 DB_NAME = "history.sqlite3"
+#: Chats whose event count the store remembers; a chat it forgot is counted again (one query).
+COUNTED_CHATS = 65536
+_NOT_OPEN = "history: the store is not open (not started, or shut down)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -84,31 +90,59 @@ class HistorySettings:
 
 
 class HistoryStore:
-    """The SQLite side, synchronous: every method runs in the worker thread."""
+    """The SQLite side, synchronous: every method runs on the plugin's worker thread."""
 
     def __init__(self, path: Path, synchronous: str) -> None:
         self.path = path
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.conn.executescript(_SCHEMA)
+        #: events per chat as committed, for the chats written to lately (LRU order)
+        self._counts: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
         self.conn.close()
 
     def store(self, rows: Sequence[tuple[str, str, str]], now: float, keep: int) -> None:
-        """Insert ``(chat_id, event_id, body_json)`` rows in one transaction, then prune the
-        touched chats down to ``keep`` events. Already stored ids are left as they are."""
+        """Insert ``(chat_id, event_id, body_json)`` rows in one transaction, and prune each
+        touched chat down to its newest ``keep`` events in the same transaction. Ids that are
+        already stored are left as they are."""
+        by_chat: dict[str, list[tuple[str, str, str, float]]] = {}
+        for c, e, b in rows:
+            by_chat.setdefault(c, []).append((c, e, b, now))
+        counts = {}
         with self._transaction() as cur:
-            cur.executemany(
-                "INSERT OR IGNORE INTO events (chat_id, event_id, body, stored_at)"
-                " VALUES (?, ?, ?, ?)", [(c, e, b, now) for c, e, b in rows])
-            for chat_id in dict.fromkeys(c for c, _, _ in rows):
-                row = cur.execute(
-                    "SELECT event_id FROM events WHERE chat_id = ?"
-                    " ORDER BY event_id DESC LIMIT 1 OFFSET ?", (chat_id, keep)).fetchone()
-                if row is not None:
-                    self._prune_through(cur, chat_id, row[0])
+            for chat_id, chat_rows in by_chat.items():
+                cur.executemany(
+                    "INSERT OR IGNORE INTO events (chat_id, event_id, body, stored_at)"
+                    " VALUES (?, ?, ?, ?)", chat_rows)
+                known = self._counts.get(chat_id)
+                count = self._count(cur, chat_id) if known is None else known + cur.rowcount
+                counts[chat_id] = self._prune_to(cur, chat_id, count, keep)
+        for chat_id, count in counts.items():  # committed: remember
+            self._counts[chat_id] = count
+            self._counts.move_to_end(chat_id)
+        while len(self._counts) > COUNTED_CHATS:
+            self._counts.popitem(last=False)
+
+    @staticmethod
+    def _count(cur: sqlite3.Cursor, chat_id: str) -> int:
+        (n,) = cur.execute("SELECT count(*) FROM events WHERE chat_id = ?",
+                           (chat_id,)).fetchone()
+        return int(n)
+
+    def _prune_to(self, cur: sqlite3.Cursor, chat_id: str, count: int, keep: int) -> int:
+        """Prune ``chat_id``, which holds ``count`` events, to its newest ``keep``; the count
+        afterwards."""
+        if count <= keep:
+            return count
+        row = cur.execute(  # the newest of the events to remove: near the oldest end
+            "SELECT event_id FROM events WHERE chat_id = ? ORDER BY event_id"
+            " LIMIT 1 OFFSET ?", (chat_id, count - keep - 1)).fetchone()
+        if row is None:  # the count was off (cannot happen while only this store writes)
+            return self._prune_to(cur, chat_id, self._count(cur, chat_id), keep)
+        return count - self._prune_through(cur, chat_id, row[0])
 
     def prune_older_than(self, cutoff: float) -> int:
         """Prune, in every chat, the events stored before ``cutoff`` (and any older id)."""
@@ -116,7 +150,10 @@ class HistoryStore:
             marks = cur.execute(
                 "SELECT chat_id, MAX(event_id) FROM events WHERE stored_at < ?"
                 " GROUP BY chat_id", (cutoff,)).fetchall()
-            return sum(self._prune_through(cur, chat_id, mark) for chat_id, mark in marks)
+            removed = sum(self._prune_through(cur, chat_id, mark) for chat_id, mark in marks)
+        if removed:
+            self._counts.clear()  # counted again on the next write to each chat
+        return removed
 
     @staticmethod
     def _prune_through(cur: sqlite3.Cursor, chat_id: str, event_id: str) -> int:
@@ -190,17 +227,19 @@ class Plugin:
     def __init__(self) -> None:
         self.settings = HistorySettings()
         self.store: HistoryStore | None = None
-        self._limiter = trio.CapacityLimiter(1)  # one thread at a time on the connection
+        self._worker = WorkerThread("bridged-history")  # the connection's only thread
         #: the wall clock, replaceable in tests
         self.clock: Callable[[], float] = time.time
 
     async def _run(self, fn: Callable[[HistoryStore], T]) -> T:
-        """``fn(store)`` in the worker thread; the trio loop waits without blocking."""
-        return await trio.to_thread.run_sync(self._call, fn, limiter=self._limiter)
+        """``fn(store)`` on the worker thread; the trio loop waits without blocking."""
+        if self.store is None:
+            raise RuntimeError(_NOT_OPEN)
+        return await self._worker.run(self._call, fn)
 
     def _call(self, fn: Callable[[HistoryStore], T]) -> T:
         if self.store is None:
-            raise RuntimeError("history: the store is not open (not started, or shut down)")
+            raise RuntimeError(_NOT_OPEN)
         return fn(self.store)
 
     def _close(self) -> None:
@@ -217,8 +256,8 @@ class Plugin:
         if context.settings is not None:
             self.settings = context.settings
         path = context.state_dir / DB_NAME
-        self.store = await trio.to_thread.run_sync(
-            HistoryStore, path, self.settings.synchronous, limiter=self._limiter)
+        self._worker = WorkerThread("bridged-history")
+        self.store = await self._worker.run(HistoryStore, path, self.settings.synchronous)
         log.info("history in %s (keep %d events per chat, %.0f s)", path,
                  self.settings.retention_count, self.settings.retention_age_s)
         await self.prune()
@@ -226,7 +265,9 @@ class Plugin:
 
     @hookimpl
     async def bridge_shutdown(self, context: PluginContext) -> None:
-        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        if self.store is not None:
+            await self._worker.run(self._close)
+        await self._worker.aclose()
 
     @hookimpl
     async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:

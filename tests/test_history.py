@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -104,6 +105,39 @@ async def test_retention_by_count_and_replay_gap(tmp_path: Path) -> None:
             with pytest.raises(ReplayGap):
                 await h.bridge_replay_messages("c1", since)
         assert ids(await h.bridge_replay_messages("other", ZERO)) == [eid(1)]
+
+
+def rows_of(state_dir: Path, chat_id: str) -> list[str]:
+    with sqlite3.connect(state_dir / DB_NAME) as db:
+        return [r[0] for r in db.execute(
+            "SELECT event_id FROM events WHERE chat_id = ? ORDER BY event_id", (chat_id,))]
+
+
+async def test_retention_count_stays_exact_over_many_writes(tmp_path: Path) -> None:
+    """The store counts events in memory: duplicates, a restart (nothing counted yet) and an
+    age pruning in between (counts forgotten) must all leave exactly the newest events."""
+    now = [time.time()]  # the start-up pruning of the second run uses the real clock
+    async with history(tmp_path, retention_count=3, retention_age_s=100.0) as h:
+        h.clock = lambda: now[0]
+        for n in range(1, 8):  # one at a time: every write from the 4th on prunes one
+            await h.bridge_persist_messages([event(n)])
+            assert rows_of(tmp_path, "c1") == [eid(k) for k in range(max(1, n - 2), n + 1)]
+        await h.bridge_persist_messages([event(6), event(7), event(8)])  # 6, 7 are stored
+        assert rows_of(tmp_path, "c1") == [eid(6), eid(7), eid(8)]
+    async with history(tmp_path, retention_count=3, retention_age_s=100.0) as h:
+        h.clock = lambda: now[0]
+        await h.bridge_persist_messages([event(9), event(10)])  # counted afresh after restart
+        assert rows_of(tmp_path, "c1") == [eid(8), eid(9), eid(10)]
+        now[0] += 50.0
+        await h.bridge_persist_messages([event(11)])  # 8 goes by count
+        now[0] += 51.0  # 9 and 10 are over 100 s old; 11 is not
+        assert await h.prune() == 2
+        assert rows_of(tmp_path, "c1") == [eid(11)]
+        await h.bridge_persist_messages([event(n) for n in range(12, 16)])  # one batch
+        assert rows_of(tmp_path, "c1") == [eid(13), eid(14), eid(15)]
+        with pytest.raises(ReplayGap):
+            await h.bridge_replay_messages("c1", eid(11))
+        assert ids(await h.bridge_replay_messages("c1", eid(12))) == [eid(13), eid(14), eid(15)]
 
 
 async def test_retention_by_age(tmp_path: Path) -> None:
