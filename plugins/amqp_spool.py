@@ -1,10 +1,19 @@
 """The AMQP transport's outbox: an ordered on-disk queue of messages waiting to be published.
 
-SQLite in WAL mode, one file per transport in its state directory. ``append`` returns once
-the rows are committed (with ``synchronous=FULL`` the commit is fsynced, so a message
-survives a SIGKILL of the daemon and a power loss); the publisher reads rows in order,
-publishes them and removes them once the broker has confirmed them. All database work runs
-in a worker thread (``trio.to_thread``), one operation at a time.
+SQLite in WAL mode, one file per transport in its state directory. The connection lives on
+one :class:`bridge.WorkerThread`, so the trio loop never waits on the disk.
+
+* ``append`` returns once the rows are committed. With ``synchronous=FULL`` the commit is
+  fsynced, so a message survives a SIGKILL of the daemon and a power loss.
+* The publisher reads the rows in order, publishes them and removes them once the broker
+  has confirmed them.
+* The newest entries are also kept in memory (at most :data:`TAIL_ENTRIES` of them and
+  :data:`TAIL_BYTES` in all). A publisher that keeps up reads from there and never from
+  the disk. After a restart, or when it falls behind, it reads from the file.
+* A removal commits without an fsync, whatever ``synchronous`` says. It becomes durable
+  with the next fsynced append, or the next checkpoint. A removal lost to a power cut
+  only means that a confirmed message is published again, which at-least-once delivery
+  allows.
 """
 
 from __future__ import annotations
@@ -12,14 +21,19 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-import trio
+from bridge import DeliveryError, WorkerThread
 
-from bridge import DeliveryError
+#: The in-memory tail: this many of the newest entries at most...
+TAIL_ENTRIES = 4096
+#: ... and this many body bytes at most.
+TAIL_BYTES = 16 * 2**20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -54,29 +68,41 @@ class SpoolFull(DeliveryError):
 class Spool:
     """Open with :meth:`open`, close with :meth:`close`. :attr:`depth` is the row count."""
 
-    def __init__(self, db: sqlite3.Connection, depth: int, max_messages: int) -> None:
+    def __init__(self, worker: WorkerThread, db: sqlite3.Connection, depth: int, last_seq: int,
+                 max_messages: int, synchronous: str) -> None:
+        self._worker = worker
         self._db = db
-        self._lock = trio.Lock()
+        self._sync = synchronous.upper()
         self.depth = depth
         self.max_messages = max_messages
+        self._last_seq = last_seq  # the greatest seq ever stored
+        self._tail: deque[Entry] = deque()  # the newest entries, seqs without a gap
+        self._tail_bytes = 0
 
     @classmethod
     async def open(cls, path: Path, *, max_messages: int,
                    synchronous: Literal["full", "normal"] = "full") -> Spool:
-        def run() -> tuple[sqlite3.Connection, int]:
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        def run() -> tuple[sqlite3.Connection, int, int]:
+            db = sqlite3.connect(path, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={synchronous.upper()}")
                 db.execute(_SCHEMA)
                 (depth,) = db.execute("SELECT count(*) FROM outbox").fetchone()
+                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+                                 ).fetchone()  # AUTOINCREMENT: seqs are never reused
             except BaseException:
                 db.close()
                 raise
-            return db, int(depth)
+            return db, int(depth), int(row[0]) if row else 0
 
-        db, depth = await trio.to_thread.run_sync(run)
-        return cls(db, depth, max_messages)
+        worker = WorkerThread(f"bridged-outbox-{path.parent.name}")
+        try:
+            db, depth, last_seq = await worker.run(run)
+        except BaseException:
+            await worker.aclose()
+            raise
+        return cls(worker, db, depth, last_seq, max_messages, synchronous)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -90,29 +116,47 @@ class Spool:
             raise
         self._db.execute("COMMIT")
 
-    async def _run(self, fn: Any) -> Any:
-        async with self._lock:
-            return await trio.to_thread.run_sync(fn)
-
     async def append(self, entries: Sequence[Entry]) -> None:
         """Store ``entries`` in order, in one transaction. Raises :class:`SpoolFull`."""
         if self.depth + len(entries) > self.max_messages:
             raise SpoolFull(f"the outbox holds {self.depth} messages (max_spool_messages"
                             f" {self.max_messages}); is the broker down?")
-        rows = [(e.exchange, e.routing_key, e.content_type, e.message_id,
-                 json.dumps(dict(e.headers), separators=(",", ":")), e.body) for e in entries]
+        first = self._last_seq + 1
+        stored = [Entry(e.exchange, e.routing_key, e.content_type, e.message_id, e.headers,
+                        e.body, seq) for seq, e in enumerate(entries, first)]
+        rows = [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id,
+                 json.dumps(dict(e.headers), separators=(",", ":")), e.body) for e in stored]
 
         def run() -> None:
             with self._transaction():
                 self._db.executemany(
-                    "INSERT INTO outbox (exchange, routing_key, content_type, message_id,"
-                    " headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    "INSERT INTO outbox (seq, exchange, routing_key, content_type, message_id,"
+                    " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-        await self._run(run)
-        self.depth += len(entries)
+        await self._worker.run(run)
+        self._last_seq += len(stored)
+        self.depth += len(stored)
+        self._remember(stored)
+
+    def _remember(self, stored: list[Entry]) -> None:
+        """Keep the newest entries in memory, within the tail's bounds."""
+        if self._tail and self._tail[-1].seq + 1 != stored[0].seq:
+            self._forget()  # cannot happen (seqs are handed out in order); stay correct
+        self._tail.extend(stored)
+        self._tail_bytes += sum(len(e.body) for e in stored)
+        while self._tail and (len(self._tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES):
+            self._tail_bytes -= len(self._tail.popleft().body)
+
+    def _forget(self) -> None:
+        self._tail.clear()
+        self._tail_bytes = 0
 
     async def read(self, after: int, limit: int) -> list[Entry]:
         """Up to ``limit`` entries with ``seq > after``, oldest first."""
+        tail = self._tail
+        if tail and tail[0].seq <= after + 1:  # every entry after `after` is in memory
+            skip = max(after + 1 - tail[0].seq, 0)
+            return list(islice(tail, skip, skip + limit))
 
         def run() -> list[Entry]:
             cur = self._db.execute(
@@ -121,7 +165,7 @@ class Spool:
             return [Entry(ex, rk, ct, mid, json.loads(h), bytes(b), seq)
                     for seq, ex, rk, ct, mid, h, b in cur]
 
-        result: list[Entry] = await self._run(run)
+        result: list[Entry] = await self._worker.run(run)
         return result
 
     async def remove(self, seqs: Iterable[int]) -> None:
@@ -132,18 +176,30 @@ class Spool:
 
         def run() -> int:
             removed = 0
-            with self._transaction():
-                for lo, hi in ranges:
-                    removed += self._db.execute(
-                        "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
+            self._db.execute("PRAGMA synchronous=NORMAL")  # no fsync for this commit
+            try:
+                with self._transaction():
+                    for lo, hi in ranges:
+                        removed += self._db.execute(
+                            "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
+            finally:
+                self._db.execute(f"PRAGMA synchronous={self._sync}")
             return removed
 
-        removed: int = await self._run(run)
+        removed: int = await self._worker.run(run)
         self.depth -= removed
+        tail = self._tail
+        for lo, hi in ranges:  # confirmed entries: nobody reads them again
+            while tail and lo <= tail[0].seq <= hi:
+                self._tail_bytes -= len(tail.popleft().body)
+        if tail and any(lo <= tail[-1].seq and hi >= tail[0].seq for lo, hi in ranges):
+            self._forget()  # a hole in the tail (removed out of order): read the file
 
     async def close(self) -> None:
-        async with self._lock:
-            await trio.to_thread.run_sync(self._db.close)
+        try:
+            await self._worker.run(self._db.close)
+        finally:
+            await self._worker.aclose()
 
 
 def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:

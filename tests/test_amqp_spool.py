@@ -1,0 +1,104 @@
+"""The AMQP outbox: order, the in-memory tail, removals, reopening."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bridge_plugins import amqp_spool
+from bridge_plugins.amqp_spool import Entry, Spool, SpoolFull
+
+
+def entry(n: int) -> Entry:
+    return Entry("chat", f"chat.c{n % 3}", "application/json", f"id-{n}",
+                 {"x-bridge-hops": 1, "n": n}, b'{"n":%d}' % n)
+
+
+def on_disk(path: Path, after: int, limit: int) -> list[tuple[int, str, bytes]]:
+    """What the file holds after ``after``, read by a connection of the test's own."""
+    with sqlite3.connect(path) as db:
+        return [(seq, mid, bytes(body)) for seq, mid, body in db.execute(
+            "SELECT seq, message_id, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit))]
+
+
+def seen(entries: list[Entry]) -> list[tuple[int, str, bytes]]:
+    return [(e.seq, e.message_id, e.body) for e in entries]
+
+
+async def test_entries_come_back_in_order_before_and_after_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    spool = await Spool.open(path, max_messages=100)
+    await spool.append([entry(n) for n in range(5)])
+    await spool.append([entry(5)])
+    live = await spool.read(0, 10)
+    assert [e.message_id for e in live] == [f"id-{n}" for n in range(6)]
+    assert [e.seq for e in live] == [1, 2, 3, 4, 5, 6]
+    assert live[2].headers == {"x-bridge-hops": 1, "n": 2}
+    assert seen(await spool.read(3, 2)) == seen(live[3:5])
+    await spool.remove([1, 2])
+    assert spool.depth == 4
+    await spool.close()
+
+    spool = await Spool.open(path, max_messages=100)
+    assert spool.depth == 4
+    again = await spool.read(0, 10)  # from the file now
+    assert again == live[2:]
+    await spool.remove(e.seq for e in again)
+    await spool.append([entry(9)])  # seqs are never reused, across removals and reopening
+    assert [e.seq for e in await spool.read(0, 10)] == [7]
+    await spool.close()
+
+
+async def test_a_full_outbox_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "o.sqlite3", max_messages=3)
+    await spool.append([entry(1), entry(2)])
+    with pytest.raises(SpoolFull):
+        await spool.append([entry(3), entry(4)])
+    assert [e.message_id for e in await spool.read(0, 10)] == ["id-1", "id-2"]
+    await spool.close()
+
+
+async def test_removals_commit_without_fsync_and_appends_keep_it(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "o.sqlite3", max_messages=10)
+    await spool.append([entry(1), entry(2)])
+    await spool.remove([1])
+    # synchronous is FULL (2) again for the appends that follow the removal
+    assert await spool._worker.run(
+        lambda: spool._db.execute("PRAGMA synchronous").fetchone()[0]) == 2
+    await spool.close()
+
+
+async def test_reads_always_equal_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """Whatever mix of appends, in-order and out-of-order removals and reads: ``read``
+    (from the in-memory tail or from the file) returns what the file holds."""
+    monkeypatch.setattr(amqp_spool, "TAIL_ENTRIES", 8)  # small: trimmed all the time
+    rng = random.Random(1234)
+    path = tmp_path / "outbox.sqlite3"
+    spool = await Spool.open(path, max_messages=10_000)
+    n = 0
+    for step in range(400):
+        op = rng.random()
+        if op < 0.4:
+            k = rng.randint(1, 12)
+            await spool.append([entry(n + i) for i in range(k)])
+            n += k
+        elif op < 0.7:  # the publisher's way: a prefix of what is left is confirmed
+            head = await spool.read(0, rng.randint(1, 10))
+            await spool.remove(e.seq for e in head)
+        elif op < 0.75 and spool.depth:  # a nack: something in the middle goes
+            rows = on_disk(path, 0, 10_000)
+            await spool.remove([rng.choice(rows)[0]])
+        elif op < 0.78:
+            await spool.close()
+            spool = await Spool.open(path, max_messages=10_000)
+        rows = on_disk(path, 0, 10_000)
+        assert spool.depth == len(rows), step
+        after = rng.choice([0, *(seq for seq, _, _ in rows[-10:])]) if rows else 0
+        limit = rng.randint(1, 20)
+        assert seen(await spool.read(after, limit)) == on_disk(path, after, limit), step
+    await spool.close()
