@@ -160,7 +160,8 @@ class Proc:
     def __init__(self, cmd: Sequence[str], *, log: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.cmd = list(cmd)
-        self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        # Without a log file a worker's stderr is ours: its traceback shows where it failed.
+        self._log = open(log, "ab") if log else None  # noqa: SIM115
         self.popen = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, env=env, text=True, bufsize=1)
         self.pid = self.popen.pid
@@ -203,8 +204,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()  # type: ignore[union-attr]
+        if self._log is not None:
+            self._log.close()
         return self.popen.returncode
 
 
