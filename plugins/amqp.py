@@ -318,6 +318,9 @@ class AmqpTransport:
                                 f" for the routing key {s.routing_key!r}")
         key = s.routing_key.format(chat_id=message.chat_id or "", kind=message.kind,
                                    source=message.source)
+        if len(key.encode()) > 255:  # AMQP's limit: the broker could never take it
+            raise DeliveryError(f"{self.name}: message {message.id or '-'}: routing key of"
+                                f" {len(key.encode())} bytes is over AMQP's 255")
         codec = self.ctx.codec("application/json")
         headers: dict[str, Any] = {HOPS_HEADER: message.hops + 1, KIND_HEADER: message.kind}
         if message.chat_id is not None:

@@ -42,8 +42,9 @@ import aiormq
 import outcome
 import trio
 from aio_pika.connection import make_url
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.header import ContentHeader
 from yarl import URL
 
 log = logging.getLogger("bridge.amqp.seam")
@@ -557,6 +558,16 @@ class Publisher:
     handed over and not yet answered, hands the messages over in one batch and returns;
     :meth:`confirms` returns the broker's answers (batched, in order), and a message stops
     counting only when its answer is taken there.
+
+    Filling the window writes every message that fits in one go: their frames are marshalled
+    into one buffer and queued as one write, so a batch costs one ``send()``. aiormq's
+    ``basic_publish`` costs one task, one write and one system call per message, about 50 µs
+    of a system call alone on the development VM. The batch does what ``basic_publish``
+    does for each message: it takes the channel's next delivery tag and registers a
+    confirmation future under it, created by the channel, so that aiormq settles it on
+    ``basic.ack``/``nack`` and rejects it when the channel closes. This uses aiormq 7.2's
+    channel fields (``delivery_tag``, ``confirmations``, ``write_queue``); the seam tests
+    exercise all of them against the broker.
     """
 
     def __init__(self, island: Island, channel: aiormq.Channel, window: int) -> None:
@@ -570,10 +581,13 @@ class Publisher:
         self._space = trio.lowlevel.ParkingLot()  # publish() waiting for window slots
         self._arrived = trio.lowlevel.ParkingLot()  # confirms() waiting for answers
         # asyncio side
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._in_flight = 0  # published, confirmation pending
         self._waiting: collections.deque[Outgoing] = collections.deque()
         self._done: list[Confirm] = []
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._pump_scheduled = False
+        self._writes: collections.deque[ChannelFrame] = collections.deque()  # queue full
+        self._writer: asyncio.Future[Any] | None = None
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         """Send ``messages`` in order. Returns once all are handed to the asyncio side."""
@@ -608,29 +622,74 @@ class Publisher:
         self._waiting.extend(batch)
         self._pump_aio()
 
-    def _pump_aio(self) -> None:  # asyncio thread: fill the window
-        publish = self._raw.basic_publish
-        loop = self.island.loop
-        while self._waiting and len(self._tasks) < self._window:
+    def _pump_aio(self) -> None:  # asyncio thread: fill the window, in one write
+        self._pump_scheduled = False
+        ch = self._raw
+        frames: list[Any] = []
+        while self._waiting and self._in_flight < self._window:
             m = self._waiting.popleft()
-            task = loop.create_task(publish(
-                m.body, exchange=m.exchange, routing_key=m.routing_key,
-                properties=m.properties.to_pamqp(), wait=False))
-            self._tasks.add(task)  # asyncio holds tasks weakly
-            task.add_done_callback(partial(self._done_aio, m.token))
+            if ch.is_closed:
+                self._answer_aio(m.token, False, "the channel is closed")
+                continue
+            try:
+                if len(m.routing_key.encode()) > 255:
+                    raise ValueError("routing key too long (max 255 bytes)")
+                message = [spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key),
+                           ContentHeader(properties=m.properties.to_pamqp(),
+                                         body_size=len(m.body)),
+                           *ch._split_body(m.body)]
+            except ValueError as e:  # this message cannot be sent; the others can
+                self._answer_aio(m.token, False, str(e))
+                continue
+            ch.delivery_tag += 1
+            confirmation = ch.create_future()
+            ch.confirmations[ch.delivery_tag] = confirmation
+            confirmation.add_done_callback(partial(self._done_aio, m.token))
+            self._in_flight += 1
+            frames += message
+        if frames:
+            self._write_aio(ChannelFrame.marshall(channel_number=ch.number, frames=frames))
 
-    def _done_aio(self, token: Any, task: asyncio.Future[Any]) -> None:  # asyncio thread
-        self._tasks.discard(task)
-        if task.cancelled():
-            confirm = Confirm(token, False, "cancelled")
-        elif (exc := task.exception()) is not None:
-            confirm = Confirm(token, False, _describe(exc))
+    def _write_aio(self, frame: ChannelFrame) -> None:  # asyncio thread
+        """Queue ``frame`` for aiormq's writer, in order, also when its queue is full."""
+        if not self._writes:
+            try:
+                self._raw.write_queue.put_nowait(frame)
+                return
+            except asyncio.QueueFull:
+                pass
+        self._writes.append(frame)
+        if self._writer is None:
+            self._writer = self.island.spawn(self._write_backlog_aio, "publishing",
+                                             self._backlog_done_aio)
+
+    async def _write_backlog_aio(self) -> None:  # asyncio thread
+        while self._writes:
+            await self._raw.write_queue.put(self._writes[0])
+            self._writes.popleft()
+
+    def _backlog_done_aio(self, task: asyncio.Future[Any]) -> None:  # asyncio thread
+        self._writer = None
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("publishing failed: %r", task.exception())
+        # What could not be written stays unconfirmed: the channel's closing rejects it.
+
+    def _done_aio(self, token: Any, future: asyncio.Future[Any]) -> None:  # asyncio thread
+        self._in_flight -= 1
+        if future.cancelled():
+            self._answer_aio(token, False, "cancelled")
+        elif (exc := future.exception()) is not None:
+            self._answer_aio(token, False, _describe(exc))
         else:
-            result = task.result()
-            ok = result is None or isinstance(result, spec.Basic.Ack)
-            confirm = Confirm(token, ok, "" if ok else f"broker answered {result!r}")
-        self._done.append(confirm)
-        self._pump_aio()
+            result = future.result()
+            ok = isinstance(result, spec.Basic.Ack)
+            self._answer_aio(token, ok, "" if ok else f"broker answered {result!r}")
+        if not self._pump_scheduled:  # refill once for all the confirms of this turn
+            self._pump_scheduled = True
+            self.island.loop.call_soon(self._pump_aio)
+
+    def _answer_aio(self, token: Any, ok: bool, reason: str) -> None:  # asyncio thread
+        self._done.append(Confirm(token, ok, reason))
         # Hand confirms over in batches: at once when a batch is full, else a moment later
         # (each thread hand-off costs far more than the wait).
         if len(self._done) >= self._batch:

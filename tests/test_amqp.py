@@ -293,6 +293,20 @@ async def test_a_chat_event_without_chat_id_fails_cleanly(tmp_path: Path) -> Non
         assert isinstance(ok, Accepted)
 
 
+async def test_a_routing_key_over_255_bytes_fails_that_message_only(tmp_path: Path) -> None:
+    names = Names.make()
+    cfg = config(tmp_path, names, broker_url(), routes=TO_AMQP,
+                 amqp={"routing_key": "chat.{chat_id}.{chat_id}"})
+    async with run_bridge(cfg) as daemon:
+        outcome = await chat_of(daemon).inject(update("long"), chat_id="x" * 128)
+        assert isinstance(outcome, Failed)  # never spooled, so it cannot block the outbox
+        ok = await chat_of(daemon).inject(update("short"), chat_id="c")
+        assert isinstance(ok, Accepted)
+        with trio.fail_after(10):  # the next one is published and confirmed
+            while amqp_of(daemon).spool_depth:
+                await amqp_of(daemon).wait_changed()
+
+
 async def test_chat_keeps_working_while_the_broker_is_unreachable(tmp_path: Path) -> None:
     names = Names.make()
     n = 60

@@ -18,10 +18,12 @@ import trio
 from amqp_support import Names, broker_url, close_all_connections, open_broker
 
 from bridge_plugins.amqp_seam import (
+    Confirm,
     Connection,
     ConnectionLost,
     Outgoing,
     Properties,
+    Publisher,
     open_island,
 )
 
@@ -134,6 +136,58 @@ async def test_publisher_window_bounds_unconfirmed_messages() -> None:
         assert [d.message_id for d in got] == [str(i) for i in range(10)]
         assert all(d.delivery_mode == 2 for d in got)
         await broker.conn.queue_delete(names.queue)
+
+
+async def confirms_for(publisher: Publisher, n: int) -> list[Confirm]:
+    out: list[Confirm] = []
+    with trio.fail_after(10):
+        while len(out) < n:
+            out += await publisher.confirms()
+    return out
+
+
+async def test_a_batch_keeps_every_message_whole_and_fails_only_the_bad_one() -> None:
+    """A window is written as one batch of frames: bodies larger than a frame are split and
+    joined again, properties and order survive, and a message that cannot be sent (routing
+    key over 255 bytes) fails alone."""
+    names = Names.make()
+    big = bytes(range(256)) * 1200  # 300 KB: several body frames at frame_max 128 KB
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue])
+        publisher = await broker.conn.open_publisher(64)
+        bodies = [b"%d" % i if i != 3 else big for i in range(40)]
+        messages = [Outgoing("", names.queue if i != 5 else "k" * 256, body,
+                             Properties("application/x-test", f"m{i}", i % 2 == 0,
+                                        {"n": i, "nested": {"a": [1, "b"]}}), i)
+                    for i, body in enumerate(bodies)]
+        await publisher.publish(messages)
+        confirms = await confirms_for(publisher, 40)
+        assert sorted(c.token for c in confirms) == list(range(40))
+        assert [c.token for c in confirms if not c.ok] == [5]
+        assert "routing key" in next(c.reason for c in confirms if not c.ok)
+        got = await broker.read(names.queue, 39)
+        expected = [i for i in range(40) if i != 5]
+        assert [d.message_id for d in got] == [f"m{i}" for i in expected]
+        assert [d.body for d in got] == [bodies[i] for i in expected]
+        assert [d.delivery_mode for d in got] == [2 if i % 2 == 0 else 1 for i in expected]
+        assert all(d.content_type == "application/x-test" for d in got)
+        assert [d.headers["n"] for d in got] == expected
+        assert got[0].headers["nested"] == {"a": [1, "b"]}
+        await broker.conn.queue_delete(names.queue)
+
+
+async def test_pending_confirmations_fail_when_the_broker_closes_the_channel() -> None:
+    """Publishing to an exchange that does not exist makes the broker close the channel:
+    every message of the window gets a failed confirmation, none is left waiting."""
+    async with open_broker() as broker:
+        publisher = await broker.conn.open_publisher(16)
+        await publisher.publish([Outgoing("no-such-exchange." + Names.make().queue, "k",
+                                          b"x", Properties(), i) for i in range(30)])
+        confirms = await confirms_for(publisher, 30)
+        assert sorted(c.token for c in confirms) == list(range(30))
+        assert not any(c.ok for c in confirms)
+        with trio.fail_after(5):
+            await broker.conn.lost.wait()  # the closed channel marks the connection lost
 
 
 async def test_consumer_prefetch_and_acks_in_any_order() -> None:
@@ -250,19 +304,37 @@ except* KeyboardInterrupt:
 """
 
 
+#: What CPython prints when a KeyboardInterrupt lands in a weakref callback or a __del__
+#: (for example while the garbage collector runs): it drops the exception.
+SWALLOWED_KI = b"Exception ignored in"
+
+
 async def test_ctrl_c_during_heavy_traffic_exits_cleanly() -> None:
     for attempt in range(10):
         proc = await trio.lowlevel.open_process([sys.executable, "-c", KI_CHILD],
-                                                stdout=subprocess.PIPE)
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
+        assert proc.stderr is not None
         try:
             with trio.fail_after(10):
                 assert (await proc.stdout.receive_some(6)).startswith(b"ready")
             await trio.sleep(0.005 * attempt)  # part of the test: land at varying moments
             proc.send_signal(signal.SIGINT)
+            stderr = b""
+            with trio.move_on_after(2):
+                await proc.wait()
+            if proc.returncode is None:
+                with trio.move_on_after(0.5):
+                    stderr = await proc.stderr.receive_some()
+                # CPython itself dropped the interrupt (not the seam, which never sees it):
+                # a second Ctrl-C is what a person would press. A hang is the bug.
+                assert SWALLOWED_KI in stderr, stderr
+                assert b"KeyboardInterrupt" in stderr, stderr
+                proc.send_signal(signal.SIGINT)
             with trio.fail_after(5):  # a hang here is the bug this guards against
                 assert await proc.wait() == 130
         finally:
             proc.kill()
             await proc.wait()
             await proc.stdout.aclose()
+            await proc.stderr.aclose()
