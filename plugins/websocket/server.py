@@ -2,7 +2,8 @@
 
 One task per connection reads client frames and submits them; one writer task per socket
 owns the socket's ``socket_sequence`` and is the only one that sends: it takes frames from
-the socket's bounded queue and sends a heartbeat whenever one is due. ``deliver`` never
+the socket's bounded queue and sends a heartbeat whenever one is due. What is queued when
+the writer wakes goes out in one system call (:class:`~.stream.HeldStream`). ``deliver`` never
 waits on a socket: it puts each event into every queue of its chat with ``send_nowait``,
 and a socket whose queue is full is closed with 1013 (the client resumes with ``since``).
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
     wrap_server_stream,
@@ -47,6 +49,7 @@ from bridge import (
 
 from .framing import Framer, JsonFramer, MsgpackFramer
 from .handshake import ChatRequest, Refusal, parse_request
+from .stream import HeldStream
 
 if TYPE_CHECKING:
     from . import WebSocketSettings
@@ -61,6 +64,8 @@ EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
 SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequence"})
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
+#: Queued frames a socket's writer sends in one system call, at most.
+WRITE_BATCH = 64
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
@@ -262,7 +267,7 @@ class WebSocketTransport:
         """One TCP (or TLS) connection, from its first byte to its close. Nothing raised
         here may escape: it would take the listener, and every other client, down."""
         self._connections += 1
-        address = _peer_address(stream)
+        address, remote = _peer_address(stream), _endpoint(stream)
         self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             with trio.CancelScope(deadline=trio.current_time()
@@ -274,9 +279,10 @@ class WebSocketTransport:
                         self._ctx_().count("tls_handshake_failures_total")
                         return
                 async with trio.open_nursery() as nursery:  # the protocol reader lives here
+                    held = HeldStream(stream)
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=self.settings.max_message_bytes)
-                    await self._handle(request, scope, address)
+                        nursery, held, max_message_size=self.settings.max_message_bytes)
+                    await self._handle(request, held, scope, address, remote)
                     nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
                 self._ctx_().count("connections_cut_total")
@@ -292,8 +298,8 @@ class WebSocketTransport:
             with trio.move_on_after(self.settings.close_timeout_s):
                 await stream.aclose()
 
-    async def _handle(self, request: WebSocketRequest, scope: trio.CancelScope,
-                      address: str) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: HeldStream,
+                      scope: trio.CancelScope, address: str, remote: str) -> None:
         ctx = self._ctx_()
         s = self.settings
         sock: _Socket | None = None
@@ -309,7 +315,7 @@ class WebSocketTransport:
                 if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
                         and origin not in s.allowed_origins):
                     raise Refusal(403, "origin not allowed")
-                identity = await self._authenticate(ctx, chat, request, headers)
+                identity = await self._authenticate(ctx, chat, request, headers, remote)
                 del headers  # not kept for the life of the connection (memory per socket)
                 sock = _Socket(chat, self._framer(ctx, chat.encoding),
                                self.settings.outbound_queue, self.settings.close_timeout_s,
@@ -326,7 +332,8 @@ class WebSocketTransport:
                 scope.deadline = math.inf  # the handshake is done
             expires_at = _expires_at(identity)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, sock, connection, replayed, nursery.cancel_scope)
+                nursery.start_soon(self._write, sock, connection, stream, replayed,
+                                   nursery.cancel_scope)
                 if expires_at is not None:
                     nursery.start_soon(_expire, sock, expires_at)
                 await self._read(ctx, sock, connection, identity, expires_at)
@@ -347,12 +354,13 @@ class WebSocketTransport:
         return cached[1]
 
     async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
-                            request: WebSocketRequest, headers: dict[str, str]) -> Any:
+                            request: WebSocketRequest, headers: dict[str, str], remote: str
+                            ) -> Any:
         try:
             return await ctx.authenticate({
                 "path": chat.path, "chat_id": chat.chat_id, "headers": headers,
                 "query": dict(chat.query), "subprotocols": list(request.proposed_subprotocols),
-                "remote": str(request.remote)})
+                "remote": remote})
         except AuthError as e:
             raise Refusal(e.status, str(e)) from None
         except Exception:
@@ -443,28 +451,37 @@ class WebSocketTransport:
             await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
                                      meta=meta), sock.settle)
 
-    async def _write(self, sock: _Socket, connection: WebSocketConnection,
+    async def _write(self, sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
                      replayed: Sequence[Message], done: trio.CancelScope) -> None:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
-        the close frame. ``socket_sequence`` counts every frame sent."""
+        the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
+        together go out in one system call, up to :data:`WRITE_BATCH`."""
         sequence = 0
         framer = sock.framer
-
-        async def send(frame: str | bytes) -> None:
-            nonlocal sequence
-            await connection.send_message(frame)
-            sequence += 1
+        last = ""  # the last replayed event: live copies up to it were sent already
 
         def stopping() -> bool:
             return sock.code is not None and not sock.flush
 
+        async def send(frames: Sequence[tuple[str, Any]], *, replay: bool = False) -> None:
+            nonlocal sequence, last
+            stream.hold()
+            try:
+                for event_id, prepared in frames:
+                    if stopping():
+                        break
+                    if replay or event_id > last:
+                        await connection.send_message(framer.frame(prepared, sequence))
+                        sequence += 1
+                        if replay:
+                            last = event_id
+            finally:
+                await stream.release()
+
         try:
-            last = ""
-            for message in replayed:
-                if stopping():
-                    break
-                await send(framer.frame(framer.prepare(message.body), sequence))
-                last = message.id
+            for i in range(0, len(replayed), WRITE_BATCH):
+                await send([(m.id, framer.prepare(m.body)) for m in replayed[i:i + WRITE_BATCH]],
+                           replay=True)
             interval = self.settings.heartbeat_interval_s
             beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
             while not stopping():
@@ -475,15 +492,22 @@ class WebSocketTransport:
                     except trio.EndOfChannel:
                         break
                 if item is not None:
-                    if item.event_id > last:  # replayed already when not
-                        await send(framer.frame(item.prepared, sequence))
+                    items = [(item.event_id, item.prepared)]
+                    while len(items) < WRITE_BATCH:
+                        try:
+                            queued = sock.receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        items.append((queued.event_id, queued.prepared))
+                    await send(items)
                     continue
                 now = trio.current_time()
                 self._ctx_().observe("heartbeat_lateness_seconds", now - beat)
-                await send(framer.heartbeat(sequence))
+                await connection.send_message(framer.heartbeat(sequence))
+                sequence += 1
                 beat = beat + interval if beat + interval > now else now + interval
             await connection.aclose(sock.code or NORMAL, sock.reason or None)
-        except ConnectionClosed:
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; the reader sees it too
         done.cancel()
 
@@ -503,6 +527,17 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         return str(inner.socket.getpeername()[0])
     except (AttributeError, OSError):
         return "?"
+
+
+def _endpoint(stream: trio.abc.Stream) -> str:
+    """The client's endpoint as trio-websocket's ``request.remote`` gives it, taken from the
+    real stream (trio-websocket sees only the :class:`HeldStream` around it)."""
+    inner: Any = getattr(stream, "transport_stream", stream)
+    try:
+        host, port, *_ = inner.socket.getpeername()
+    except (AttributeError, OSError):
+        return repr(stream)
+    return str(Endpoint(host, port, isinstance(stream, trio.SSLStream)))
 
 
 def _headers(request: WebSocketRequest) -> dict[str, str]:

@@ -1,0 +1,60 @@
+"""A connection's byte stream, whose writes can be held and then sent as one.
+
+trio-websocket sends every WebSocket message with its own ``send_all``, so each frame costs
+one ``send()`` system call. On the development VM a loopback ``send()`` of a small frame
+costs about 43 µs, and the same bytes sent 64 frames at a time cost 0.09 µs per frame
+(BENCHMARKS.md). A socket's writer with several frames queued therefore frames them all
+while the stream is held. The stream gathers what trio-websocket writes and sends it in one
+``send_all`` when the writer releases it.
+
+Only the writer holds the stream, and only while it frames what is already queued, with no
+waiting in between. Whatever else trio-websocket writes meanwhile (a pong, the reply to a
+close) joins the same buffer, in order. Closing the stream sends what is held first.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class HeldStream(trio.abc.Stream):
+    """Wraps ``inner``: :meth:`hold`, let trio-websocket write, then :meth:`release`."""
+
+    __slots__ = ("_held", "inner")
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self._held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        """Keep what is written from now on, until :meth:`release`."""
+        if self._held is None:
+            self._held = []
+
+    async def release(self) -> None:
+        """Send what was held, in one ``send_all``, and stop holding."""
+        held, self._held = self._held, None
+        if held:
+            await self.inner.send_all(b"".join(held))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is not None:
+            self._held.append(bytes(data))
+            return
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        try:
+            if self._held:
+                await self.release()  # a close reply written while held still goes out
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone: nothing more can reach it
+        finally:
+            self._held = None
+            await self.inner.aclose()
