@@ -80,11 +80,28 @@ class Pipeline:
         return self._pending
 
     async def submit(self, message: Message, settle: Settle) -> None:
+        """Queue ``message``; wait only while the pipeline is full.
+
+        With room in the queue this returns without yielding to the scheduler: a transport
+        that hands over a burst (an AMQP batch of deliveries) queues all of it before the
+        pipeline task runs, so the pipeline sees one batch. Each yield costs an ``epoll``
+        call and a scheduler pass, about 9 µs of CPU on the development VM. The callers'
+        loops checkpoint on their own reads (a socket's next frame, the next deliveries).
+        """
         if self._pending == 0:
             self._idle = trio.Event()
         self._pending += 1
+        work = Work(message, settle)
         try:
-            await self._send.send(Work(message, settle))
+            self._send.send_nowait(work)
+            return
+        except trio.WouldBlock:
+            pass
+        except BaseException:
+            self._done(1)
+            raise
+        try:
+            await self._send.send(work)
         except BaseException:
             self._done(1)
             raise

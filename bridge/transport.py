@@ -91,7 +91,9 @@ class TransportContext(Protocol):
 
     async def submit(self, message: Message, settle: Settle) -> None:
         """Hand one inbound message to the pipeline. Waits while the pipeline is full: that
-        wait is the backpressure a transport passes on to its source."""
+        wait is the backpressure a transport passes on to its source. With room, it returns
+        at once without a checkpoint, so a burst submitted in a loop reaches the pipeline
+        as one batch; the loop must checkpoint elsewhere (on its reads)."""
 
     async def replay(self, chat_id: str, since: str) -> Sequence[Message]:
         """Stored chat events of ``chat_id`` after ``since``, oldest first, through the
