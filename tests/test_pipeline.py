@@ -257,3 +257,29 @@ def test_disable_builtin(tmp_path: Any) -> None:
     pm = build_plugin_manager(disable=["memory"])
     assert pm.get_plugin("memory") is None
     assert pm.get_plugin("codecs") is not None
+
+
+class BatchSizes:
+    """Records how many messages each persist call (one per pipeline batch) carries."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    @hookimpl
+    def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.sizes.append(len(messages))
+
+
+async def test_a_burst_submitted_in_a_loop_is_one_batch(bridge_config: MakeConfig) -> None:
+    """``submit`` returns without a scheduler pass while there is room, so the pipeline
+    wakes once for the whole burst instead of for its first message alone."""
+    sizes = BatchSizes()
+    cfg = TWO.replace("pipeline_queue = 4", "pipeline_queue = 64").replace(
+        "batch_max = 2", "batch_max = 64").replace("capacity = 2", "capacity = 64")
+    async with run_bridge(bridge_config(cfg), extra_plugins=[sizes]) as daemon:
+        for n in range(50):
+            await daemon.transports["a"].inject({"n": n}, wait=False)
+        with trio.fail_after(5):
+            got = [await daemon.transports["b"].received.receive() for _ in range(50)]
+    assert [m.body["n"] for m in got] == list(range(50))
+    assert sizes.sizes == [50]
