@@ -7,12 +7,17 @@
   (``notification_to_chat``), stores it in the history and delivers it to one WebSocket
   client in another process; the rate is counted at that client.
 
+With ``--stages``, two more configurations run in the same rounds, to show what the
+bridge's own stages cost: ``bridged, no history`` (the history plugin disabled) and
+``bridged, no history, no validation``. Enrichment stays: it provides the
+``notification_to_chat`` transform.
+
 The queue is filled before the consumer starts. For the bridge, a holder process keeps the
 queue in exclusive use until the WebSocket client is connected; the daemon's consumer is
 refused meanwhile and retries every 50 ms, so the time is taken from the first update the
 client receives to the N-th.
 
-    .venv/bin/python bench/amqp_to_ws.py [--n 20000] [--rounds 5]
+    .venv/bin/python bench/amqp_to_ws.py [--n 20000] [--rounds 5] [--stages]
 """
 
 from __future__ import annotations
@@ -129,6 +134,9 @@ def measure(args: Any, config: str) -> dict[str, Any]:
         port = harness.free_port()
         text = (CONFIG.replace("@PORT@", str(port)).replace("@URL@", args.url)
                 .replace("@QUEUE@", queue))
+        if STAGES[config]:
+            text = text.replace("[plugins.history]\nretention_count = 100000\n",
+                                f"[plugins]\ndisable = {json.dumps(STAGES[config])}\n")
         hold_cmd = worker_cmd(__file__, "hold", url=args.url, queue=queue)
         receive_cmd = worker_cmd(__file__, "receive", port=port, chat=chat, n=args.n)
         with (harness.processes([hold_cmd]) as (holder,),
@@ -146,6 +154,9 @@ def measure(args: Any, config: str) -> dict[str, Any]:
 
 
 CONFIGS = ("raw aio-pika consume", "bridged")
+#: The bridge's configurations: the built-in plugins each one disables.
+STAGES: dict[str, list[str]] = {"bridged": [], "bridged, no history": ["history"],
+                                "bridged, no history, no validation": ["history", "validation"]}
 
 
 def main() -> None:
@@ -154,6 +165,8 @@ def main() -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--chat")
     p.add_argument("--queue")
+    p.add_argument("--stages", action="store_true",
+                   help="also run the bridge without the history, and without validation")
     args = p.parse_args()
     if args.worker == "raw":
         print_json(asyncio.run(raw_consume(args.url, args.queue, args.n, 256)))
@@ -164,10 +177,12 @@ def main() -> None:
     else:
         bench = Bench("amqp_to_ws", args)
         print(f"AMQP -> WS, N={args.n}, {args.rounds} rounds", file=sys.stderr)
-        bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds,
+        configs = [*CONFIGS, *(list(STAGES)[1:] if args.stages else [])]
+        bench.rounds({c: (lambda c=c: measure(args, c)) for c in configs}, args.rounds,
                      lambda r: f"{r['msgs_per_s']:8,.0f} msg/s")
-        bench.ratio("bridged / raw aio-pika consume", "bridged", "raw aio-pika consume",
-                    "msgs_per_s")
+        for c in configs[1:]:
+            bench.ratio(f"{c} / raw aio-pika consume", c, "raw aio-pika consume",
+                        "msgs_per_s")
         bench.report(["msgs_per_s", "cpu_us_per_msg", "server_cpu_us_per_msg"])
 
 
