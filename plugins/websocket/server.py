@@ -128,6 +128,10 @@ class _Socket:
         self._scope.deadline = min(self._scope.deadline,
                                    trio.current_time() + self._close_timeout)
 
+    def stopping(self) -> bool:
+        """Closing, without sending what is queued first."""
+        return self.code is not None and not self.flush
+
     def settle(self, outcome: Outcome) -> None:
         """The pipeline's verdict on a frame this client sent."""
         if isinstance(outcome, Rejected):
@@ -267,7 +271,7 @@ class WebSocketTransport:
         """One TCP (or TLS) connection, from its first byte to its close. Nothing raised
         here may escape: it would take the listener, and every other client, down."""
         self._connections += 1
-        address, remote = _peer_address(stream), _endpoint(stream)
+        address = _peer_address(stream)
         self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             with trio.CancelScope(deadline=trio.current_time()
@@ -282,7 +286,7 @@ class WebSocketTransport:
                     held = HeldStream(stream)
                     request = await wrap_server_stream(
                         nursery, held, max_message_size=self.settings.max_message_bytes)
-                    await self._handle(request, held, scope, address, remote)
+                    await self._handle(request, held, scope, address)
                     nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
                 self._ctx_().count("connections_cut_total")
@@ -299,7 +303,7 @@ class WebSocketTransport:
                 await stream.aclose()
 
     async def _handle(self, request: WebSocketRequest, stream: HeldStream,
-                      scope: trio.CancelScope, address: str, remote: str) -> None:
+                      scope: trio.CancelScope, address: str) -> None:
         ctx = self._ctx_()
         s = self.settings
         sock: _Socket | None = None
@@ -315,7 +319,8 @@ class WebSocketTransport:
                 if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
                         and origin not in s.allowed_origins):
                     raise Refusal(403, "origin not allowed")
-                identity = await self._authenticate(ctx, chat, request, headers, remote)
+                identity = await self._authenticate(ctx, chat, request, headers,
+                                                    _endpoint(stream.inner))
                 del headers  # not kept for the life of the connection (memory per socket)
                 sock = _Socket(chat, self._framer(ctx, chat.encoding),
                                self.settings.outbound_queue, self.settings.close_timeout_s,
@@ -456,35 +461,17 @@ class WebSocketTransport:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
         the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
         together go out in one system call, up to :data:`WRITE_BATCH`."""
-        sequence = 0
         framer = sock.framer
+        sequence = 0
         last = ""  # the last replayed event: live copies up to it were sent already
-
-        def stopping() -> bool:
-            return sock.code is not None and not sock.flush
-
-        async def send(frames: Sequence[tuple[str, Any]], *, replay: bool = False) -> None:
-            nonlocal sequence, last
-            stream.hold()
-            try:
-                for event_id, prepared in frames:
-                    if stopping():
-                        break
-                    if replay or event_id > last:
-                        await connection.send_message(framer.frame(prepared, sequence))
-                        sequence += 1
-                        if replay:
-                            last = event_id
-            finally:
-                await stream.release()
-
         try:
             for i in range(0, len(replayed), WRITE_BATCH):
-                await send([(m.id, framer.prepare(m.body)) for m in replayed[i:i + WRITE_BATCH]],
-                           replay=True)
+                page = [(m.id, framer.prepare(m.body)) for m in replayed[i:i + WRITE_BATCH]]
+                sequence, last = await _send(sock, connection, stream, page, sequence, last,
+                                             replay=True)
             interval = self.settings.heartbeat_interval_s
             beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
-            while not stopping():
+            while not sock.stopping():
                 item = None
                 with trio.move_on_at(beat):  # only the wait: a send is never cut
                     try:
@@ -499,7 +486,7 @@ class WebSocketTransport:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         items.append((queued.event_id, queued.prepared))
-                    await send(items)
+                    sequence, _ = await _send(sock, connection, stream, items, sequence, last)
                     continue
                 now = trio.current_time()
                 self._ctx_().observe("heartbeat_lateness_seconds", now - beat)
@@ -510,6 +497,27 @@ class WebSocketTransport:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; the reader sees it too
         done.cancel()
+
+
+async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
+                frames: Sequence[tuple[str, Any]], sequence: int, last: str, *,
+                replay: bool = False) -> tuple[int, str]:
+    """Send ``(event_id, prepared)`` frames in one write: live ones only when newer than
+    the last replayed event ``last``. The sequence and the last replayed id afterwards.
+    (A function, not a closure in ``_write``: a closure per socket costs memory.)"""
+    stream.hold()
+    try:
+        for event_id, prepared in frames:
+            if sock.stopping():
+                break
+            if replay or event_id > last:
+                await connection.send_message(sock.framer.frame(prepared, sequence))
+                sequence += 1
+                if replay:
+                    last = event_id
+    finally:
+        await stream.release()
+    return sequence, last
 
 
 def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
