@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from importlib.metadata import version
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -206,7 +205,7 @@ def build_document(config: Config) -> dict[str, Any]:
         "asyncapi": "3.0.0",
         "info": {
             "title": f"bridged: {config.path.name}",
-            "version": version("bridged"),
+            "version": _version(),
             "description": "The wire interfaces a bridged daemon runs with this configuration.",
             "x-bridged-routes": [
                 {"name": r.name, "from": r.source, "to": list(r.destinations),
@@ -237,3 +236,9 @@ def render(document: dict[str, Any], fmt: str = "yaml") -> str:
     import yaml
 
     return str(yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100))
+
+
+def _version() -> str:
+    from importlib.metadata import version  # not at import: ~0.1 s at every start-up
+
+    return version("bridged")

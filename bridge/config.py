@@ -387,7 +387,7 @@ def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Co
     """Read, parse and check ``path`` with a fresh plugin manager built from its
     ``[plugins]`` table (plus ``extra_plugins``, objects registered as-is: tests).
     Raises :class:`ConfigError` listing every problem."""
-    from .plugins import Registry, available_plugins, build_plugin_manager
+    from .plugins import BUILTIN_NAMES, Registry, available_plugins, build_plugin_manager
 
     file = Path(path)
     try:
@@ -413,7 +413,7 @@ def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Co
     admin = build(AdminSettings, data.get("admin", {}), ("admin",), errors, base)
 
     plugin_table = data.get("plugins", {})
-    installed = available_plugins()
+    installed: dict[str, str] | None = None  # scanned only for a name that is not built in
     enable: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
     if not isinstance(plugin_table, dict):
@@ -426,6 +426,10 @@ def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Co
             errors.add(("plugins", key), str(e))
             continue
         for i, n in enumerate(names):
+            if n in BUILTIN_NAMES:
+                continue
+            if installed is None:
+                installed = available_plugins()
             if n not in installed:
                 errors.add(("plugins", key), f"plugin {n!r} (item {i}) is not installed;"
                            f" installed: {', '.join(sorted(installed))}")

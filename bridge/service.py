@@ -6,7 +6,8 @@
    listener binds (``/healthz`` answers from here on; ``/readyz`` says "starting");
 2. the daemon starts (plugins, pipeline, every transport through ``nursery.start``);
 3. ``READY=1`` is sent only once every transport's ``health()`` is ready. Until then
-   ``STATUS=`` names what is missing, polled every :data:`READY_POLL_S`. With the broker down
+   ``STATUS=`` names what is missing, polled every :data:`READY_POLL_S` (every
+   :data:`STARTUP_POLL_S` in the first seconds). With the broker down
    READY comes late (when it connects): systemd keeps the unit "activating" up to
    ``TimeoutStartSec=``. Afterwards ``STATUS=`` keeps following the transports
    ("degraded: waiting for amqp: reconnecting") without a new READY;
@@ -35,8 +36,13 @@ from .transport import Health
 
 log = logging.getLogger("bridge.service")
 
-#: Seconds between readiness checks that feed ``READY=1`` and ``STATUS=``.
+#: Seconds between readiness checks that feed ``READY=1`` and ``STATUS=``...
 READY_POLL_S = 0.2
+#: ... and, for the first STARTUP_FAST_S seconds until the first ``READY=1``, every
+#: STARTUP_POLL_S, so that READY is not up to 0.2 s late (a broker that is down takes longer,
+#: and is then polled at the usual pace).
+STARTUP_POLL_S = 0.01
+STARTUP_FAST_S = 2.0
 
 
 class Service:
@@ -153,6 +159,7 @@ class Service:
 
     async def _follow_readiness(self) -> None:
         missing: dict[str, str] = {}
+        fast_until = trio.current_time() + STARTUP_FAST_S
         while not (self.stop_requested or self.daemon.stopping):
             state = self.readiness()
             if state.missing != missing:
@@ -171,7 +178,8 @@ class Service:
                 self.ready.set()
             elif not self._reload_lock.locked():
                 await self.notifier.set_status(self.status())
-            await trio.sleep(READY_POLL_S)
+            fast = not self.ready.is_set() and trio.current_time() < fast_until
+            await trio.sleep(STARTUP_POLL_S if fast else READY_POLL_S)
 
 
 def _set_log_level(level: str) -> None:

@@ -28,13 +28,15 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from typing import TYPE_CHECKING, Any
 
 from bridge import AuthError, Command, Identity, PluginContext, Secret, hookimpl, setting
+
+if TYPE_CHECKING:
+    import jwt
+
+# PyJWT and cryptography are imported where they are used: together they take about 0.12 s
+# to import, which every daemon would pay at start-up, with [plugins.auth_jwt] or without.
 
 HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum key bytes: RFC 7518 section 3.2
 RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -153,6 +155,9 @@ def _read(path: Path) -> bytes:
 
 
 def _load_pem(path: Path, algorithms: Iterable[str]) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     data = _read(path)
     try:
         key = load_pem_public_key(data)
@@ -171,6 +176,8 @@ def _load_pem(path: Path, algorithms: Iterable[str]) -> Any:
 
 
 def _load_jwks(path: Path, algorithms: Iterable[str]) -> dict[str, jwt.PyJWK]:
+    import jwt
+
     text = _read(path)
     try:
         data = json.loads(text)
@@ -240,6 +247,8 @@ class Verifier:
     def _key(self, token: str) -> Any:
         if self.keys.by_kid is None:
             return self.keys.key
+        import jwt
+
         kid = jwt.get_unverified_header(token).get("kid")
         if kid is None and len(self.keys.by_kid) == 1:
             return next(iter(self.keys.by_kid.values()))
@@ -250,6 +259,8 @@ class Verifier:
 
     def verify(self, token: str) -> Identity:
         """The identity a valid ``token`` names; AuthError(401) for any invalid token."""
+        import jwt
+
         s = self.settings
         required = [s.subject_claim, *(["exp"] if s.require_exp else [])]
         try:
@@ -318,6 +329,8 @@ def mint_token(settings: AuthJwtSettings, *, subject: str, chats: Iterable[str],
     }
     if role is not None:
         claims[settings.role_claim] = role
+    import jwt
+
     if settings.audience is not None:
         claims["aud"] = settings.audience
     if settings.issuer is not None:

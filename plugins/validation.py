@@ -31,11 +31,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastjsonschema
-import jsonschema
-from jsonschema.exceptions import ValidationError, relevance
 
 from bridge import (
     CHAT_EVENT,
@@ -47,6 +45,13 @@ from bridge import (
     setting,
 )
 from bridge.contracts import CHAT, NOTIFICATIONS, load
+
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema.exceptions import ValidationError
+
+# jsonschema only explains a rejection, so it is imported on the first one: it takes about
+# 0.1 s to import, which would otherwise be paid at every start-up.
 
 # RFC 3339 section 5.6 `date-time`, checked strictly: full date, "T", time with seconds,
 # optional fraction, "Z" or a numeric offset with a colon. fromisoformat then rejects
@@ -73,8 +78,13 @@ def is_rfc3339(value: object) -> bool:
     return True
 
 
-_FORMAT_CHECKER = jsonschema.FormatChecker(formats=())
-_FORMAT_CHECKER.checks("date-time")(is_rfc3339)
+@functools.cache
+def _format_checker() -> jsonschema.FormatChecker:
+    import jsonschema
+
+    checker = jsonschema.FormatChecker(formats=())
+    checker.checks("date-time")(is_rfc3339)
+    return checker
 
 
 class _Schema:
@@ -83,7 +93,8 @@ class _Schema:
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self._fast: Callable[[Any], Any] = fastjsonschema.compile(
             copy.deepcopy(dict(schema)), formats={"date-time": is_rfc3339})
-        self._explainer = jsonschema.Draft7Validator(schema, format_checker=_FORMAT_CHECKER)
+        self._schema = schema
+        self._explainer: jsonschema.Draft7Validator | None = None  # made on the first rejection
 
     def check(self, body: Any) -> None:
         """Return if ``body`` is valid, else raise :class:`ContractError`."""
@@ -94,6 +105,12 @@ class _Schema:
 
     def _explain(self, body: Any, fast_error: fastjsonschema.JsonSchemaValueException
                  ) -> ContractError:
+        import jsonschema
+        from jsonschema.exceptions import relevance
+
+        if self._explainer is None:
+            self._explainer = jsonschema.Draft7Validator(self._schema,
+                                                         format_checker=_format_checker())
         errors = list(self._explainer.iter_errors(body))
         if not errors:  # the two validators disagree: still reject, with what we know
             name = re.sub(r"\[(\d+)\]", r".\1", fast_error.name or "")  # data.message[0]
@@ -113,6 +130,8 @@ def _dotted(path: Iterable[Any]) -> str:
 def _describe(error: ValidationError) -> ContractError:
     """A :class:`ContractError` naming the field and rule of ``error``. A ``oneOf`` failure is
     explained by the branch whose ``type`` constant matches the instance's ``type``."""
+    from jsonschema.exceptions import relevance
+
     if error.validator in ("oneOf", "anyOf") and error.context:
         branches: dict[int, list[ValidationError]] = {}
         for sub in error.context:
