@@ -625,30 +625,30 @@ class Publisher:
     def _pump_aio(self) -> None:  # asyncio thread: fill the window, in one write
         self._pump_scheduled = False
         ch = self._raw
-        frames: list[Any] = []
+        payloads: list[bytes] = []
         while self._waiting and self._in_flight < self._window:
             m = self._waiting.popleft()
             if ch.is_closed:
                 self._answer_aio(m.token, False, "the channel is closed")
                 continue
-            try:
+            try:  # marshalled before it takes a delivery tag: a failure here costs no tag
                 if len(m.routing_key.encode()) > 255:
                     raise ValueError("routing key too long (max 255 bytes)")
-                message = [spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key),
-                           ContentHeader(properties=m.properties.to_pamqp(),
-                                         body_size=len(m.body)),
-                           *ch._split_body(m.body)]
-            except ValueError as e:  # this message cannot be sent; the others can
-                self._answer_aio(m.token, False, str(e))
+                payload = ChannelFrame.marshall(channel_number=ch.number, frames=[
+                    spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key),
+                    ContentHeader(properties=m.properties.to_pamqp(), body_size=len(m.body)),
+                    *ch._split_body(m.body)]).payload
+            except Exception as e:  # this message cannot be sent; the others can
+                self._answer_aio(m.token, False, f"cannot be sent: {e}")
                 continue
             ch.delivery_tag += 1
             confirmation = ch.create_future()
             ch.confirmations[ch.delivery_tag] = confirmation
             confirmation.add_done_callback(partial(self._done_aio, m.token))
             self._in_flight += 1
-            frames += message
-        if frames:
-            self._write_aio(ChannelFrame.marshall(channel_number=ch.number, frames=frames))
+            payloads.append(payload)
+        if payloads:
+            self._write_aio(ChannelFrame(payload=b"".join(payloads), should_close=False))
 
     def _write_aio(self, frame: ChannelFrame) -> None:  # asyncio thread
         """Queue ``frame`` for aiormq's writer, in order, also when its queue is full."""
@@ -659,17 +659,21 @@ class Publisher:
             except asyncio.QueueFull:
                 pass
         self._writes.append(frame)
-        if self._writer is None:
+        if self._writer is None or self._writer.done():  # done: its callback may not have run
             self._writer = self.island.spawn(self._write_backlog_aio, "publishing",
                                              self._backlog_done_aio)
 
     async def _write_backlog_aio(self) -> None:  # asyncio thread
         while self._writes:
+            if self._raw.is_closed:  # the channel's closing rejects their confirmations
+                self._writes.clear()
+                return
             await self._raw.write_queue.put(self._writes[0])
             self._writes.popleft()
 
     def _backlog_done_aio(self, task: asyncio.Future[Any]) -> None:  # asyncio thread
-        self._writer = None
+        if self._writer is task:
+            self._writer = None
         if not task.cancelled() and task.exception() is not None:
             log.debug("publishing failed: %r", task.exception())
         # What could not be written stays unconfirmed: the channel's closing rejects it.
