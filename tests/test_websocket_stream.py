@@ -65,6 +65,27 @@ async def test_closing_a_held_stream_whose_peer_is_gone_does_not_raise() -> None
     assert inner.writes == []
 
 
+async def test_a_write_during_a_release_waits_its_turn() -> None:
+    """While a release is sending to a slow peer, trio-websocket's reader may write (a pong,
+    a close reply). That write is held and follows the release; sent at once, it would
+    overlap the release's send (BusyResourceError) and abort the connection."""
+    sender, receiver = trio.testing.lockstep_stream_pair()  # send_all waits for the reader
+    stream = HeldStream(sender)
+    stream.hold()
+    await stream.send_all(b"frames")
+    got = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.release)
+        await trio.testing.wait_all_tasks_blocked()  # the release waits in send_all
+        await stream.send_all(b"pong")
+        while len(got) < len(b"framespong"):
+            got += await receiver.receive_some()
+    assert got == b"framespong"
+    async with trio.open_nursery() as nursery:  # not held any more: straight through
+        nursery.start_soon(stream.send_all, b"after")
+        assert await receiver.receive_some() == b"after"
+
+
 async def test_a_burst_arrives_whole_in_few_writes(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """200 events delivered together to a JSON and a msgpack socket: both get every event,

@@ -9,7 +9,10 @@ while the stream is held. The stream gathers what trio-websocket writes and send
 
 Only the writer holds the stream, and only while it frames what is already queued, with no
 waiting in between. Whatever else trio-websocket writes meanwhile (a pong, the reply to a
-close) joins the same buffer, in order. Closing the stream sends what is held first.
+close) joins the same buffer, in order. While a release is sending, what is written is held
+too, and sent by that release when its send is done: two sends never overlap on the inner
+stream (trio raises ``BusyResourceError`` when they do). Closing the stream sends what is
+held first.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import trio
 class HeldStream(trio.abc.Stream):
     """Wraps ``inner``: :meth:`hold`, let trio-websocket write, then :meth:`release`."""
 
-    __slots__ = ("_held", "inner")
+    __slots__ = ("_held", "_releasing", "inner")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self._held: list[bytes] | None = None
+        self._releasing = trio.Lock()  # the writer's release, or the flush of aclose
 
     def hold(self) -> None:
         """Keep what is written from now on, until :meth:`release`."""
@@ -32,10 +36,19 @@ class HeldStream(trio.abc.Stream):
             self._held = []
 
     async def release(self) -> None:
-        """Send what was held, in one ``send_all``, and stop holding."""
-        held, self._held = self._held, None
-        if held:
-            await self.inner.send_all(b"".join(held))
+        """Send what was held, in one ``send_all`` (and what arrives meanwhile, in the next),
+        then stop holding."""
+        try:
+            self._releasing.acquire_nowait()  # free nearly always: no checkpoint then
+        except trio.WouldBlock:
+            await self._releasing.acquire()
+        try:
+            while self._held:
+                data, self._held = b"".join(self._held), []  # still held while sending
+                await self.inner.send_all(data)
+        finally:
+            self._held = None
+            self._releasing.release()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
