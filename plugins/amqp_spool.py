@@ -75,7 +75,7 @@ class Spool:
         self._sync = synchronous.upper()
         self.depth = depth
         self.max_messages = max_messages
-        self._last_seq = last_seq  # the greatest seq ever stored
+        self._last_seq = last_seq  # the greatest seq ever stored (worker thread only)
         self._tail: deque[Entry] = deque()  # the newest entries, seqs without a gap
         self._tail_bytes = 0
 
@@ -111,30 +111,34 @@ class Spool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("COMMIT")
+        finally:  # a failed statement or COMMIT must not leave the transaction open
+            if self._db.in_transaction:
+                self._db.rollback()
 
     async def append(self, entries: Sequence[Entry]) -> None:
         """Store ``entries`` in order, in one transaction. Raises :class:`SpoolFull`."""
         if self.depth + len(entries) > self.max_messages:
             raise SpoolFull(f"the outbox holds {self.depth} messages (max_spool_messages"
                             f" {self.max_messages}); is the broker down?")
-        first = self._last_seq + 1
-        stored = [Entry(e.exchange, e.routing_key, e.content_type, e.message_id, e.headers,
-                        e.body, seq) for seq, e in enumerate(entries, first)]
-        rows = [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id,
-                 json.dumps(dict(e.headers), separators=(",", ":")), e.body) for e in stored]
+        headers = [json.dumps(dict(e.headers), separators=(",", ":")) for e in entries]
 
-        def run() -> None:
+        def run() -> list[Entry]:  # seqs are handed out here, one call after the other
+            first = self._last_seq + 1
+            stored = [Entry(e.exchange, e.routing_key, e.content_type, e.message_id,
+                            e.headers, e.body, seq) for seq, e in enumerate(entries, first)]
             with self._transaction():
                 self._db.executemany(
                     "INSERT INTO outbox (seq, exchange, routing_key, content_type, message_id,"
-                    " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id, h, e.body)
+                     for e, h in zip(stored, headers, strict=True)])
+            self._last_seq = stored[-1].seq
+            return stored
 
-        await self._worker.run(run)
-        self._last_seq += len(stored)
+        if not entries:
+            return
+        stored: list[Entry] = await self._worker.run(run)
         self.depth += len(stored)
         self._remember(stored)
 

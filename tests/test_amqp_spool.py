@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import trio
 
 from bridge_plugins import amqp_spool
 from bridge_plugins.amqp_spool import Entry, Spool, SpoolFull
@@ -101,4 +102,50 @@ async def test_reads_always_equal_the_file(tmp_path: Path, monkeypatch: pytest.M
         after = rng.choice([0, *(seq for seq, _, _ in rows[-10:])]) if rows else 0
         limit = rng.randint(1, 20)
         assert seen(await spool.read(after, limit)) == on_disk(path, after, limit), step
+    await spool.close()
+
+
+class FailingCommit:
+    """The outbox's connection, but its next COMMIT fails (a disk error, say)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.fail = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+async def test_a_failed_commit_leaves_the_outbox_usable(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "o.sqlite3", max_messages=10)
+    await spool.append([entry(1), entry(2)])
+    real = spool._db
+    spool._db = FailingCommit(real)  # type: ignore[assignment]  # a stand-in connection
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        await spool.remove([1])
+    spool._db = real
+    state = await spool._worker.run(
+        lambda: (real.in_transaction, real.execute("PRAGMA synchronous").fetchone()[0]))
+    assert state == (False, 2)  # rolled back, and FULL again for the appends
+    await spool.remove([1])
+    await spool.append([entry(3)])
+    assert [e.message_id for e in await spool.read(0, 10)] == ["id-2", "id-3"]
+    await spool.close()
+
+
+async def test_concurrent_appends_get_their_own_seqs(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "o.sqlite3", max_messages=100)
+    async with trio.open_nursery() as nursery:
+        for start in (0, 10, 20):
+            nursery.start_soon(spool.append, [entry(start + i) for i in range(5)])
+    got = await spool.read(0, 100)
+    assert [e.seq for e in got] == list(range(1, 16))
+    assert sorted(e.message_id for e in got) == sorted(
+        f"id-{s + i}" for s in (0, 10, 20) for i in range(5))
     await spool.close()
