@@ -65,7 +65,7 @@ class _Family:
         if len(labels) != len(self.labelnames):
             raise ValueError(f"metric {self.name} has labels {self.labelnames},"
                              f" not {tuple(sorted(labels))}")
-        return tuple([labels[n] for n in self.labelnames])
+        return tuple([str(labels[n]) for n in self.labelnames])
 
     def doc(self) -> str:
         return self.name.removeprefix(PREFIX).replace("_", " ")
@@ -103,13 +103,25 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._families: dict[tuple[str, str], _Family] = {}  # by (kind, name)
         self._histograms: dict[str, _HistogramFamily] = {}
+        self._exposed: dict[str, _Family] = {}  # by the name Prometheus sees
         self.registry.register(_Collector(self._families))
 
     def _family(self, kind: str, name: str, labels: dict[str, str]) -> _Family:
         family = self._families.get((kind, name))
         if family is None:
-            family = _Family(kind, PREFIX + name, tuple(sorted(labels)))
-            self._families[(kind, name)] = family
+            family = self._add(_Family(kind, PREFIX + name, tuple(sorted(labels))))
+        return family
+
+    def _add(self, family: _Family) -> _Family:
+        """Register a new family; a name Prometheus would see twice is refused here, at the
+        call that introduces it, not in every later scrape."""
+        exposed = family.name.removesuffix("_total") if family.kind == "counter" else family.name
+        other = self._exposed.get(exposed)
+        if other is not None:
+            raise ValueError(f"metric {family.name} ({family.kind}) clashes with"
+                             f" {other.name} ({other.kind})")
+        self._exposed[exposed] = family
+        self._families[(family.kind, family.name.removeprefix(PREFIX))] = family
         return family
 
     def count(self, name: str, amount: float = 1.0, **labels: str) -> None:
@@ -125,7 +137,8 @@ class Metrics:
         family = self._histograms.get(name)
         if family is None:
             family = _HistogramFamily("histogram", PREFIX + name, tuple(sorted(labels)))
-            self._histograms[name] = self._families[("histogram", name)] = family
+            self._add(family)
+            self._histograms[name] = family
         key = family.key(labels)
         h = family.histograms.get(key)
         if h is None:

@@ -51,3 +51,16 @@ def test_a_metric_keeps_the_labels_it_was_first_used_with() -> None:
         m.count("failed_total", transport="chat")
     with pytest.raises(KeyError):
         m.count("failed_total", transport="chat", reason="x")
+
+
+def test_a_name_prometheus_would_see_twice_is_refused_at_once() -> None:
+    m = Metrics()
+    m.count("open_total")
+    m.gauge("depth", 1)
+    with pytest.raises(ValueError, match="clashes"):
+        m.gauge("open", 1)  # bridged_open_total renders as the counter family bridged_open
+    with pytest.raises(ValueError, match="clashes"):
+        m.observe("depth", 0.1)
+    m.count("answers_total", status=404)  # type: ignore[arg-type]  # a careless caller
+    assert m.registry.get_sample_value("bridged_answers_total", {"status": "404"}) == 1
+    text_string_to_metric_families(m.render().decode())  # still renders
