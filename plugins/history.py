@@ -256,6 +256,7 @@ class Plugin:
         if context.settings is not None:
             self.settings = context.settings
         path = context.state_dir / DB_NAME
+        await self._worker.aclose()  # a plugin started again gets a fresh thread
         self._worker = WorkerThread("bridged-history")
         self.store = await self._worker.run(HistoryStore, path, self.settings.synchronous)
         log.info("history in %s (keep %d events per chat, %.0f s)", path,

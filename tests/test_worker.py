@@ -36,6 +36,8 @@ async def test_cancellation_waits_for_the_call_that_runs() -> None:
     worker = WorkerThread("bridged-test")
     started, release = threading.Event(), threading.Event()
     finished: list[bool] = []
+    caller_scope = trio.CancelScope()
+    caught: list[bool] = []
 
     def slow() -> str:
         started.set()
@@ -43,16 +45,23 @@ async def test_cancellation_waits_for_the_call_that_runs() -> None:
         finished.append(True)
         return "done"
 
-    with trio.CancelScope() as scope:
+    async def caller() -> None:
+        with caller_scope:
+            await worker.run(slow)
+            await trio.lowlevel.checkpoint()  # where the deferred cancellation lands
+        caught.append(caller_scope.cancelled_caught)
+
+    with trio.fail_after(5):  # well before slow()'s own 10 s: the asserts below ran
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.run, slow)
+            nursery.start_soon(caller)
             await trio.to_thread.run_sync(started.wait)
-            scope.cancel()
+            caller_scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             assert not finished  # the caller still waits: the call is not abandoned
+            assert not caught
             release.set()
-    assert scope.cancelled_caught
     assert finished == [True]
+    assert caught == [True]
     await worker.aclose()
 
 
