@@ -44,6 +44,7 @@ import trio
 from aio_pika.connection import make_url
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 from yarl import URL
 
@@ -634,10 +635,11 @@ class Publisher:
             try:  # marshalled before it takes a delivery tag: a failure here costs no tag
                 if len(m.routing_key.encode()) > 255:
                     raise ValueError("routing key too long (max 255 bytes)")
-                payload = ChannelFrame.marshall(channel_number=ch.number, frames=[
+                frames: list[Any] = [
                     spec.Basic.Publish(exchange=m.exchange, routing_key=m.routing_key),
                     ContentHeader(properties=m.properties.to_pamqp(), body_size=len(m.body)),
-                    *ch._split_body(m.body)]).payload
+                    *ch._split_body(m.body)]
+                payload = b"".join([marshal(frame, ch.number) for frame in frames])
             except Exception as e:  # this message cannot be sent; the others can
                 self._answer_aio(m.token, False, f"cannot be sent: {e}")
                 continue
