@@ -35,6 +35,8 @@ class WorkerThread:
 
     The thread starts on the first :meth:`run` call. :meth:`aclose` lets the queued calls
     finish, then stops the thread. After that, :meth:`run` raises :class:`RuntimeError`.
+    Every caller waits for its own call, so the queue holds at most one call per waiting
+    task: it is bounded by the callers, as a lock's waiters are.
     """
 
     def __init__(self, name: str) -> None:

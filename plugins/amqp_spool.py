@@ -97,11 +97,13 @@ class Spool:
             return db, int(depth), int(row[0]) if row else 0
 
         worker = WorkerThread(f"bridged-outbox-{path.parent.name}")
+        opened = False
         try:
             db, depth, last_seq = await worker.run(run)
-        except BaseException:
-            await worker.aclose()
-            raise
+            opened = True
+        finally:
+            if not opened:  # failed or cancelled: the thread goes too
+                await worker.aclose()
         return cls(worker, db, depth, last_seq, max_messages, synchronous)
 
     @contextlib.contextmanager
