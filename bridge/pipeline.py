@@ -92,19 +92,16 @@ class Pipeline:
             self._idle = trio.Event()
         self._pending += 1
         work = Work(message, settle)
+        queued = False
         try:
-            self._send.send_nowait(work)
-            return
-        except trio.WouldBlock:
-            pass
-        except BaseException:
-            self._done(1)
-            raise
-        try:
-            await self._send.send(work)
-        except BaseException:
-            self._done(1)
-            raise
+            try:
+                self._send.send_nowait(work)
+            except trio.WouldBlock:
+                await self._send.send(work)
+            queued = True
+        finally:
+            if not queued:  # closed, or cancelled while waiting: it will never be settled
+                self._done(1)
 
     def _done(self, n: int) -> None:
         self._pending -= n

@@ -77,10 +77,8 @@ BUILTIN_NAMES = frozenset(path.rsplit(".", 1)[-1] for path in DEFAULT_PLUGINS)
 
 def available_plugins() -> dict[str, str]:
     """Every plugin that could load: name -> origin ("builtin" or distribution)."""
-    from importlib.metadata import entry_points
-
     found = {path.rsplit(".", 1)[-1]: "builtin" for path in DEFAULT_PLUGINS}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in _entry_points():
         found.setdefault(ep.name, ep.dist.name if ep.dist else "unknown")
     return found
 
