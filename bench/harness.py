@@ -280,10 +280,12 @@ def wait_listening(port: int, timeout: float = 30, host: str = "127.0.0.1") -> N
 
 def start_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
     """``py-spy record`` attached to ``pid`` (every thread, collapsed stacks to ``path``;
-    summarise with bench/pyspy_top.py)."""
+    summarise with bench/pyspy_top.py). ``BENCH_PYSPY_ARGS`` adds options, for example
+    ``--gil`` to sample only the thread holding the GIL."""
     spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
                             "--pid", str(pid), "-o", path, "-f", "raw", "--threads",
-                            "--nonblocking", "-r", "250"],
+                            "--nonblocking", "-r", "250",
+                            *os.environ.get("BENCH_PYSPY_ARGS", "").split()],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached
     return spy

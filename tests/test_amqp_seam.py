@@ -22,6 +22,7 @@ from bridge_plugins.amqp_seam import (
     Confirm,
     Connection,
     ConnectionLost,
+    Consumer,
     Outgoing,
     Properties,
     Publisher,
@@ -216,7 +217,15 @@ async def test_pending_confirmations_fail_when_the_broker_closes_the_channel() -
             await broker.conn.lost.wait()  # the closed channel marks the connection lost
 
 
-async def test_consumer_prefetch_and_acks_in_any_order() -> None:
+async def test_consumer_prefetch_and_acks_in_any_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = []
+
+    async def per_delivery_task(self: Consumer, message: object) -> None:
+        tasks.append(message)
+        self._on_message_aio(message)  # type: ignore[arg-type]
+
+    # deliveries are queued inline, not through aiormq's asyncio task per delivery
+    monkeypatch.setattr(Consumer, "_on_delivery_task", per_delivery_task)
     names = Names.make()
     async with open_broker() as broker:
         await broker.conn.declare(queues=[names.queue])
@@ -241,6 +250,7 @@ async def test_consumer_prefetch_and_acks_in_any_order() -> None:
                     for d in batch:  # in order: one multiple ack per batch
                         consumer.ack(d.tag)
             assert sorted(int(d.body) for d in held + rest) == list(range(30))
+            assert tasks == []
             await conn.close()
         # every ack reached the broker: nothing was requeued when the connection closed
         assert await broker.ready(names.queue) == 0
