@@ -86,10 +86,10 @@ amqp.AmqpTransport._handle = handle  # type: ignore[method-assign]  # diagnosis
 _on_message = amqp_seam.Consumer._on_message_aio
 
 
-async def on_message(self: Any, message: Any) -> None:
+def on_message(self: Any, message: Any) -> None:
     with contextlib.suppress(ValueError):
         age("1 aiormq hands it to the seam", json.loads(message.body))
-    await _on_message(self, message)
+    _on_message(self, message)
 
 
 amqp_seam.Consumer._on_message_aio = on_message  # type: ignore[method-assign]  # diagnosis

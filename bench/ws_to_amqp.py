@@ -71,13 +71,15 @@ async def raw_publish(url: str, queue: str, n: int, window: int) -> dict[str, An
     return {"msgs_per_s": n / elapsed, "seconds": elapsed, "cpu_us_per_msg": cpu / n * 1e6}
 
 
-def run_ws(args: Any, server_pid: int, port: int, queue: str) -> dict[str, Any]:
-    """Drive the WebSocket clients against a server on ``port``; the rate into ``queue``."""
+def run_ws(args: Any, server_pid: int, port: int, queue: str,
+           clients: str = __file__) -> dict[str, Any]:
+    """Drive the WebSocket clients (the ``clients`` worker of the script ``clients``) against
+    a server on ``port``; the rate into ``queue``."""
     per_socket = args.n // (args.procs * args.sockets)
     n = per_socket * args.procs * args.sockets
     tag = unique("c")
-    cmds = [worker_cmd(__file__, "clients", port=port, sockets=args.sockets, frames=per_socket,
-                       chat=f"{tag}-{p}") for p in range(args.procs)]
+    cmds = [worker_cmd(clients, "clients", port=port, sockets=args.sockets, frames=per_socket,
+                       chat=f"{tag}-{p}", queue=queue) for p in range(args.procs)]
     with processes(cmds) as clients:
         c0 = cpu_seconds(server_pid)
         for c in clients:
