@@ -209,8 +209,7 @@ def _event_row(message: Message) -> tuple[str, str, str]:
     if not message.chat_id or not EVENT_ID.fullmatch(event_id):
         raise ValueError(f"history: chat event {event_id or '-'} on chat "
                          f"{message.chat_id or '-'} has no chat id or no valid eventId")
-    return message.chat_id, event_id, json.dumps(message.body, separators=(",", ":"),
-                                                 default=_jsonable)
+    return message.chat_id, event_id, _ENCODER.encode(message.body)
 
 
 def _jsonable(value: object) -> Any:
@@ -219,6 +218,10 @@ def _jsonable(value: object) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+#: built once: ``json.dumps`` with options builds an encoder per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_jsonable)
 
 
 class Plugin:
