@@ -59,18 +59,24 @@ def timed(name: str, method: Any) -> Any:
 pipeline.Pipeline._persist = timed("persist", pipeline.Pipeline._persist)  # type: ignore[method-assign]  # diagnosis
 pipeline.Pipeline._deliver = timed("deliver", pipeline.Pipeline._deliver)  # type: ignore[method-assign]  # diagnosis
 
-_process = pipeline.Pipeline._process
+_prepare_batch = pipeline.Pipeline._prepare_batch
+_finish = pipeline.Pipeline._finish
 
 
-async def process(self: Any, batch: Any) -> None:
+async def prepare_batch(self: Any, batch: Any) -> None:
     for work in batch:
         age("3 pipeline batch starts", work.inbound.body)
-    await _process(self, batch)
+    await _prepare_batch(self, batch)
+
+
+async def finish(self: Any, batch: Any) -> None:
+    await _finish(self, batch)
     for work in batch:
         age("4 in the sockets' queues", work.inbound.body)
 
 
-pipeline.Pipeline._process = process  # type: ignore[method-assign]  # diagnosis
+pipeline.Pipeline._prepare_batch = prepare_batch  # type: ignore[method-assign]  # diagnosis
+pipeline.Pipeline._finish = finish  # type: ignore[method-assign]  # diagnosis
 
 _handle = amqp.AmqpTransport._handle
 

@@ -3,11 +3,18 @@
 transport in (decoded by the transport) -> validate inbound -> enrich -> route (select and
 transform) -> validate outbound -> persist -> deliver to destinations -> settle the source.
 
-One pipeline task takes inbound messages from a bounded channel in batches: all messages
-that are waiting (up to ``batch_max``) are validated and enriched one by one, persisted in
-one hook call, and delivered with one call per destination, in arrival order. A failure is
+The pipeline takes inbound messages from a bounded channel in batches: all messages that
+are waiting (up to ``batch_max``) are validated and enriched one by one, persisted in one
+hook call, and delivered with one call per destination, in arrival order. A failure is
 contained: a batch call that raises is retried one message at a time, so only the message
 that fails is reported failed; the others flow.
+
+Two tasks share the work, handing batches over a channel without a buffer: one prepares
+(validates, enriches, routes) a batch while the other persists, delivers and settles the
+batch before it. Persisting waits for the disk (the history's fsynced commit) without
+holding the GIL, so the next batch's preparing runs meanwhile. Order is kept: each task
+takes the batches in turn. Beyond the inbound channel, two batches are held at most: one
+being prepared (or waiting to be handed over) and one being finished.
 """
 
 from __future__ import annotations
@@ -115,25 +122,42 @@ class Pipeline:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await self.open.wait()
-        async with self._receive:
-            while True:
-                batch = [await self._receive.receive()]
-                while len(batch) < self._batch_max:
+        hand_over, prepared = trio.open_memory_channel[list[Work]](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._finish_batches, prepared)
+            async with hand_over, self._receive:
+                while True:
+                    batch = [await self._receive.receive()]
+                    while len(batch) < self._batch_max:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    handed = False
                     try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                        await self._prepare_batch(batch)
+                        await hand_over.send(batch)  # waits while the batch before finishes
+                        handed = True
+                    finally:
+                        if not handed:
+                            self._settle(batch)
+
+    async def _finish_batches(self, prepared: trio.MemoryReceiveChannel[list[Work]]) -> None:
+        async with prepared:
+            async for batch in prepared:
                 try:
-                    await self._process(batch)
+                    await self._finish(batch)
                 finally:
                     self._settle(batch)
 
     # ------------------------------------------------------------------ stages
 
-    async def _process(self, batch: list[Work]) -> None:
+    async def _prepare_batch(self, batch: list[Work]) -> None:
         router = self._router()
         for work in batch:
             await self._prepare(work, router)
+
+    async def _finish(self, batch: list[Work]) -> None:
         ready = [w for w in batch if w.outcome is None]
         await self._persist(ready)
         await self._deliver([w for w in ready if w.outcome is None])

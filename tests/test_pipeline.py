@@ -151,16 +151,47 @@ async def test_persist_failure_is_isolated_to_its_message(bridge_config: MakeCon
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send, "m0", {"n": 0})
             await trio.testing.wait_all_tasks_blocked()  # m0 is in the pipeline, held at persist
-            for i, body in (("m1", {"poison": True}), ("m2", {"n": 2})):
-                nursery.start_soon(send, i, body)
-                await trio.testing.wait_all_tasks_blocked()  # queued in this order
+            # queued together, while m0 is persisting: the next batch holds both
+            nursery.start_soon(send, "m1", {"poison": True})
+            nursery.start_soon(send, "m2", {"n": 2})
+            await trio.testing.wait_all_tasks_blocked()
             plugin.gate.set()
         delivered = [(await daemon.transports["b"].received.receive()).id for _ in range(2)]
     assert isinstance(results["m0"], Accepted)
     assert isinstance(results["m1"], Failed)
     assert isinstance(results["m2"], Accepted)
     assert delivered == ["m0", "m2"]
-    assert plugin.calls == [["m0"], ["m1", "m2"], ["m1"], ["m2"]]  # batch, then one by one
+    first, batch, *retries = plugin.calls
+    assert first == ["m0"]
+    assert sorted(batch) == ["m1", "m2"]  # the batch, then one by one
+    assert retries == [[i] for i in batch]
+
+
+class SeesPrepared(PoisonPersist):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enriched: list[str] = []
+
+    @hookimpl
+    def bridge_enrich_message(self, message: Message) -> None:
+        self.enriched.append(message.id)
+
+
+async def test_the_next_batch_is_prepared_while_one_persists(bridge_config: MakeConfig
+                                                             ) -> None:
+    plugin = SeesPrepared()
+    async with run_bridge(bridge_config(TWO), extra_plugins=[plugin]) as daemon:
+        a, b = daemon.transports["a"], daemon.transports["b"]
+        await a.inject({"n": 0}, id="m0", wait=False)
+        await trio.testing.wait_all_tasks_blocked()  # m0 is held at persist
+        await a.inject({"n": 1}, id="m1", wait=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert plugin.calls == []  # m0 still persisting...
+        assert plugin.enriched == ["m0", "m1"]  # ...and m1 prepared meanwhile
+        plugin.gate.set()
+        got = [(await b.received.receive()).id for _ in range(2)]
+    assert got == ["m0", "m1"]
+    assert plugin.calls == [["m0"], ["m1"]]
 
 
 class Flaky(MemoryTransport):
@@ -201,7 +232,8 @@ async def test_hop_limit_rejects(bridge_config: MakeConfig) -> None:
 
 async def test_blocked_destination_bounds_memory_and_pushes_back(bridge_config: MakeConfig
                                                                  ) -> None:
-    # b holds 2, the pipeline queue 4, a batch 2: with nobody reading b the source must block
+    # b holds 2, the pipeline queue 4, a batch 2 (two batches in the pipeline's hands): with
+    # nobody reading b the source must block
     # after a bounded number of messages, and lose none once b is read again.
     total = 100
     injected = 0
@@ -218,8 +250,9 @@ async def test_blocked_destination_bounds_memory_and_pushes_back(bridge_config: 
             nursery.start_soon(producer)
             await trio.testing.wait_all_tasks_blocked()
             blocked_at = injected
-            assert blocked_at < 2 + 4 + 2 + 2  # capacity + queue + batch + one in hand
-            assert daemon.pipeline.pending <= 4 + 2 + 1
+            # capacity + queue + a batch being finished + a batch prepared + one in hand
+            assert blocked_at < 2 + 4 + 2 + 2 + 2
+            assert daemon.pipeline.pending <= 4 + 2 + 2 + 1
             received = [(await b.received.receive()).body["n"] for _ in range(total)]
     assert received == list(range(total))
 
