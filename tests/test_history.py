@@ -140,6 +140,19 @@ async def test_retention_count_stays_exact_over_many_writes(tmp_path: Path) -> N
         assert ids(await h.bridge_replay_messages("c1", eid(12))) == [eid(13), eid(14), eid(15)]
 
 
+async def test_counts_stay_exact_on_the_one_statement_path(tmp_path: Path) -> None:
+    """Below the retention count a batch is one autocommitted INSERT; a batch holding an id
+    already stored must not be counted as new."""
+    async with history(tmp_path, retention_count=10) as h:
+        await h.bridge_persist_messages([event(n) for n in (1, 2, 3)])  # counted: 3
+        await h.bridge_persist_messages([event(4), event(5)])  # one statement: 5
+        await h.bridge_persist_messages([event(5), event(6)])  # 5 is stored: 6, not 7
+        await h.bridge_persist_messages([event(n) for n in range(7, 13)])  # 12: prune 2
+        assert rows_of(tmp_path, "c1") == [eid(n) for n in range(3, 13)]
+        await h.bridge_persist_messages([event(13)])
+        assert rows_of(tmp_path, "c1") == [eid(n) for n in range(4, 14)]
+
+
 async def test_retention_by_age(tmp_path: Path) -> None:
     now = [1000.0]
     async with history(tmp_path, retention_age_s=100.0) as h:
