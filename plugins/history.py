@@ -90,7 +90,8 @@ class HistorySettings:
         "full", doc="normal: durable across a process crash; full: across a power loss too")
 
 
-#: Rows per INSERT statement (``daemon.batch_max`` by default). sqlite3 lets go of the GIL
+#: Rows per INSERT statement at most (``daemon.batch_max`` by default; fewer where SQLite
+#: allows fewer than 4 x 256 bound variables, as before 3.32). sqlite3 lets go of the GIL
 #: for every statement step and must win it back from the trio and asyncio threads after
 #: each one; on a busy daemon each such wait took about 1 ms at the median.
 INSERT_ROWS = 256
@@ -128,8 +129,10 @@ class HistoryStore:
         When no chat needs pruning and the rows fit one statement, that statement is the
         whole transaction (autocommit): one step, so one hand-over of the GIL, where BEGIN,
         INSERT and COMMIT take three (see :data:`INSERT_ROWS`)."""
+        per_insert = min(INSERT_ROWS,
+                         self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
         per_chat = Counter(c for c, _, _ in rows)
-        if len(rows) <= INSERT_ROWS and all(
+        if len(rows) <= per_insert and all(
                 self._counts.get(c, keep) + n <= keep for c, n in per_chat.items()):
             inserted = self.conn.execute(
                 _insert(len(rows)), [v for c, e, b in rows for v in (c, e, b, now)]).rowcount
@@ -147,8 +150,8 @@ class HistoryStore:
         with self._transaction() as cur:
             for chat_id, values in by_chat.items():
                 inserted = 0
-                for i in range(0, len(values), 4 * INSERT_ROWS):
-                    chunk = values[i:i + 4 * INSERT_ROWS]
+                for i in range(0, len(values), 4 * per_insert):
+                    chunk = values[i:i + 4 * per_insert]
                     inserted += cur.execute(_insert(len(chunk) // 4), chunk).rowcount
                 known = self._counts.get(chat_id)
                 count = self._count(cur, chat_id) if known is None else known + inserted

@@ -25,7 +25,7 @@ from bridge import (
     ReplayGap,
 )
 from bridge.testing import MEMORY_AB, run_bridge, write_config
-from bridge_plugins.history import DB_NAME, HistorySettings, Plugin
+from bridge_plugins.history import DB_NAME, HistorySettings, HistoryStore, Plugin
 
 BASE_MS = 1_700_000_000_000
 
@@ -151,6 +151,17 @@ async def test_counts_stay_exact_on_the_one_statement_path(tmp_path: Path) -> No
         assert rows_of(tmp_path, "c1") == [eid(n) for n in range(3, 13)]
         await h.bridge_persist_messages([event(13)])
         assert rows_of(tmp_path, "c1") == [eid(n) for n in range(4, 14)]
+
+
+def test_a_batch_over_sqlites_variable_limit_is_split(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path / DB_NAME, "normal")
+    store.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 9)  # two rows per INSERT
+    rows = [("c1", eid(n), "{}") for n in range(7)]
+    store.store(rows[:3], 0.0, 5)  # first write to c1: counted
+    store.store(rows[3:5], 0.0, 5)  # 5 of 5: one autocommitted INSERT
+    store.store(rows[2:], 0.0, 5)  # three INSERTs, 2 rows new, 2 pruned
+    store.close()
+    assert rows_of(tmp_path, "c1") == [eid(n) for n in range(2, 7)]
 
 
 async def test_retention_by_age(tmp_path: Path) -> None:
