@@ -114,14 +114,15 @@ async def receive(port: int, chat: str, n: int) -> None:
     async with websockets.connect(wsload.chat_url(port, chat), ping_interval=None,
                                   max_size=2**20, compression=None) as ws:
         print_json({"ready": True})
-        first = 0
+        first, cpu0 = 0, 0.0
         for i in range(n):
             frame = json.loads(await ws.recv())
             if i == 0:
-                first = now_ns()
+                first, cpu0 = now_ns(), cpu_seconds(os.getpid())
             if frame.get("type") != "update":
                 raise RuntimeError(f"unexpected frame {frame}")
-        print_json({"first_ns": first, "last_ns": now_ns()})
+        print_json({"first_ns": first, "last_ns": now_ns(),
+                    "client_cpu_us_per_msg": (cpu_seconds(os.getpid()) - cpu0) / n * 1e6})
 
 
 def measure(args: Any, config: str) -> dict[str, Any]:
@@ -148,7 +149,8 @@ def measure(args: Any, config: str) -> dict[str, Any]:
             cpu = cpu_seconds(d.pid) - c0
         elapsed = (result["last_ns"] - result["first_ns"]) / 1e9
         return {"msgs_per_s": (args.n - 1) / elapsed, "seconds": elapsed,
-                "server_cpu_us_per_msg": cpu / args.n * 1e6}
+                "server_cpu_us_per_msg": cpu / args.n * 1e6,
+                "client_cpu_us_per_msg": result["client_cpu_us_per_msg"]}
     finally:
         rabbit.delete(args.url, queue, queue + ".dead")
 
@@ -183,7 +185,8 @@ def main() -> None:
         for c in configs[1:]:
             bench.ratio(f"{c} / raw aio-pika consume", c, "raw aio-pika consume",
                         "msgs_per_s")
-        bench.report(["msgs_per_s", "cpu_us_per_msg", "server_cpu_us_per_msg"])
+        bench.report(["msgs_per_s", "cpu_us_per_msg", "server_cpu_us_per_msg",
+                      "client_cpu_us_per_msg"])
 
 
 if __name__ == "__main__":
