@@ -139,16 +139,18 @@ class Pipeline:
                         await hand_over.send(batch)  # waits while the batch before finishes
                         handed = True
                     finally:
-                        if not handed:
-                            self._settle(batch)
+                        if not handed:  # cancelled: it was neither stored nor delivered
+                            self._settle(batch, finished=False)
 
     async def _finish_batches(self, prepared: trio.MemoryReceiveChannel[list[Work]]) -> None:
         async with prepared:
             async for batch in prepared:
+                finished = False
                 try:
                     await self._finish(batch)
+                    finished = True
                 finally:
-                    self._settle(batch)
+                    self._settle(batch, finished=finished)
 
     # ------------------------------------------------------------------ stages
 
@@ -239,10 +241,16 @@ class Pipeline:
         self._metrics.count("failed_total", transport=dest, stage="deliver")
         work.fail(Failed(f"delivery to {dest} failed"))
 
-    def _settle(self, batch: Sequence[Work]) -> None:
+    def _settle(self, batch: Sequence[Work], *, finished: bool = True) -> None:
+        """Tell each message's source its outcome. When the batch was not ``finished``
+        (the pipeline was cancelled: a drain that timed out, a second signal), a message
+        without an outcome yet is not settled at all: it may not have been stored or
+        delivered, so it must not be acknowledged; a broker redelivers it."""
         for work in batch:
             outcome = work.outcome
             if outcome is None:
+                if not finished:
+                    continue
                 outcome = Accepted(work.message or work.inbound)
             settle_safely(work.settle, outcome, (work.message or work.inbound).id)
         self._done(len(batch))

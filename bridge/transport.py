@@ -47,7 +47,9 @@ class Failed:
 
 Outcome = Accepted | Rejected | Failed
 #: Called once per submitted message with its outcome. Runs on the trio loop; must not block
-#: and must not raise (the core logs and swallows what it raises).
+#: and must not raise (the core logs and swallows what it raises). Not called for a message
+#: the daemon stopped on before handling it (a drain that timed out, a second signal): it
+#: may not be stored or delivered, so the source must not acknowledge it.
 Settle = Callable[[Outcome], None]
 
 

@@ -194,6 +194,29 @@ async def test_the_next_batch_is_prepared_while_one_persists(bridge_config: Make
     assert plugin.calls == [["m0"], ["m1"]]
 
 
+class StuckPersist:
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        await trio.sleep_forever()  # a disk that hangs
+
+
+async def test_a_drain_that_times_out_settles_nothing_unfinished(bridge_config: MakeConfig
+                                                                 ) -> None:
+    """m0 hangs in persist, m1 is prepared behind it, m2 waits in the queue: when the drain
+    times out and the pipeline is cancelled, none of them may be reported Accepted (an AMQP
+    source would acknowledge it, and the message would be lost)."""
+    config = bridge_config(TWO.replace("batch_max = 2", "batch_max = 1")
+                           .replace("[daemon]", "[daemon]\ndrain_timeout_s = 0.2"))
+    outcomes: dict[str, object] = {}
+    async with run_bridge(config, extra_plugins=[StuckPersist()]) as daemon:
+        for i in ("m0", "m1", "m2"):
+            await daemon.pipeline.submit(Message("memory", {}, "a", i),
+                                         lambda o, i=i: outcomes.__setitem__(i, o))
+            await trio.testing.wait_all_tasks_blocked()
+        assert daemon.pipeline.pending == 3
+    assert outcomes == {}
+
+
 class Flaky(MemoryTransport):
     async def deliver(self, messages: Sequence[Message]) -> None:
         if any(m.body.get("refuse") for m in messages):
