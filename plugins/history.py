@@ -104,14 +104,21 @@ def _insert(rows: int) -> str:
             + ",".join(["(?,?,?,?)"] * rows))
 
 
+def _statement(values: list[str | float]) -> tuple[str, list[str | float]]:
+    """One INSERT of the rows in ``values`` (4 per row), padded to a power of two rows with
+    copies of the last row, which ``OR IGNORE`` skips. So a connection prepares at most 9
+    statement sizes: one per batch size would hold about 17 MB of prepared statements."""
+    rows = len(values) // 4
+    size = 1 << (rows - 1).bit_length()
+    return _insert(size), values + values[-4:] * (size - rows)
+
+
 class HistoryStore:
     """The SQLite side, synchronous: every method runs on the plugin's worker thread."""
 
     def __init__(self, path: Path, synchronous: str) -> None:
         self.path = path
-        # one cached statement per INSERT size, and a few more
-        self.conn = sqlite3.connect(path, isolation_level=None,
-                                    cached_statements=INSERT_ROWS + 32)
+        self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.conn.executescript(_SCHEMA)
@@ -129,13 +136,13 @@ class HistoryStore:
         When no chat needs pruning and the rows fit one statement, that statement is the
         whole transaction (autocommit): one step, so one hand-over of the GIL, where BEGIN,
         INSERT and COMMIT take three (see :data:`INSERT_ROWS`)."""
-        per_insert = min(INSERT_ROWS,
-                         self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
+        most = min(INSERT_ROWS, self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
+        per_insert = 1 << (max(most, 1).bit_length() - 1)  # a power of two (_statement)
         per_chat = Counter(c for c, _, _ in rows)
         if len(rows) <= per_insert and all(
                 self._counts.get(c, keep) + n <= keep for c, n in per_chat.items()):
             inserted = self.conn.execute(
-                _insert(len(rows)), [v for c, e, b in rows for v in (c, e, b, now)]).rowcount
+                *_statement([v for c, e, b in rows for v in (c, e, b, now)])).rowcount
             for chat_id, n in per_chat.items():
                 if inserted == len(rows):  # every row new: the counts are known
                     self._counts[chat_id] += n
@@ -152,7 +159,7 @@ class HistoryStore:
                 inserted = 0
                 for i in range(0, len(values), 4 * per_insert):
                     chunk = values[i:i + 4 * per_insert]
-                    inserted += cur.execute(_insert(len(chunk) // 4), chunk).rowcount
+                    inserted += cur.execute(*_statement(chunk)).rowcount
                 known = self._counts.get(chat_id)
                 count = self._count(cur, chat_id) if known is None else known + inserted
                 counts[chat_id] = self._prune_to(cur, chat_id, count, keep)
@@ -240,14 +247,6 @@ class _Transaction:
                 self.conn.rollback()
 
 
-def _event_row(message: Message) -> tuple[str, str, str]:
-    event_id = message.id or str(message.body.get("eventId", ""))
-    if not message.chat_id or not EVENT_ID.fullmatch(event_id):
-        raise ValueError(f"history: chat event {event_id or '-'} on chat "
-                         f"{message.chat_id or '-'} has no chat id or no valid eventId")
-    return message.chat_id, event_id, _ENCODER.encode(message.body)
-
-
 def _jsonable(value: object) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
@@ -258,6 +257,14 @@ def _jsonable(value: object) -> Any:
 
 #: built once: ``json.dumps`` with options builds an encoder per call
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_jsonable)
+
+
+def _event_row(message: Message) -> tuple[str, str, str]:
+    event_id = message.id or str(message.body.get("eventId", ""))
+    if not message.chat_id or not EVENT_ID.fullmatch(event_id):
+        raise ValueError(f"history: chat event {event_id or '-'} on chat "
+                         f"{message.chat_id or '-'} has no chat id or no valid eventId")
+    return message.chat_id, event_id, _ENCODER.encode(message.body)
 
 
 class Plugin:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import subprocess
 import sys
@@ -162,6 +163,39 @@ def test_a_batch_over_sqlites_variable_limit_is_split(tmp_path: Path) -> None:
     store.store(rows[2:], 0.0, 5)  # three INSERTs, 2 rows new, 2 pruned
     store.close()
     assert rows_of(tmp_path, "c1") == [eid(n) for n in range(2, 7)]
+
+
+def test_counts_stay_exact_under_random_batches(tmp_path: Path) -> None:
+    """Random batches over three chats, with duplicates, small bound-variable limits (so
+    statements are split and padded) and age pruning: each chat keeps at most ``keep``
+    events, and the count the store remembers is the count in the file."""
+    rnd = random.Random(1)
+    for trial in range(30):
+        store = HistoryStore(tmp_path / f"h{trial}.db", "normal")
+        if trial % 2:
+            store.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, rnd.choice([4, 9, 17, 40]))
+        keep = rnd.randint(1, 12)
+        stored: dict[str, list[str]] = {c: [] for c in "abc"}
+        next_id = 0
+        for step in range(200):
+            rows = []
+            for _ in range(rnd.randint(1, 10)):
+                chat = rnd.choice("abc")
+                if rnd.random() < 0.25 and stored[chat]:
+                    event_id = rnd.choice(stored[chat])  # a duplicate
+                else:
+                    next_id += 1
+                    event_id = f"{next_id:020d}"
+                rows.append((chat, event_id, "{}"))
+            store.store(rows, float(step), keep)
+            if rnd.random() < 0.05:
+                store.prune_older_than(step - 3.0)
+            for chat in "abc":
+                stored[chat] = [e for (e,) in store.conn.execute(
+                    "SELECT event_id FROM events WHERE chat_id = ?", (chat,))]
+                assert len(stored[chat]) <= keep
+                assert store._counts.get(chat, len(stored[chat])) == len(stored[chat])
+        store.close()
 
 
 async def test_retention_by_age(tmp_path: Path) -> None:
