@@ -725,13 +725,17 @@ def _deliver_inline(raw: aiormq.Channel, on_message: Callable[[DeliveredMessage]
     that only queues the delivery, the task is most of the cost (about 13 µs a delivery,
     bench/seam.py). This replaces the channel's ``_on_deliver_frame`` with one that reads
     the delivery as aiormq 7.2 does (``_get_frame``, ``_read_content``) and calls
-    ``on_message`` inline; ``on_message`` must not block or raise. aiormq is pinned to 7.x.
+    ``on_message`` inline; ``on_message`` must not block or raise. Deliveries for a consumer
+    the channel no longer has (cancelled) are dropped, as aiormq drops them. aiormq is pinned
+    to 7.2.x.
     """
     async def on_deliver_frame(frame: spec.Basic.Deliver) -> None:
         header = await raw._get_frame()
         if not isinstance(header, ContentHeader):
             raise ValueError(f"unexpected frame {header!r} instead of a content header")
         message = await raw._read_content(frame, header)
+        if frame.consumer_tag is None or frame.consumer_tag not in raw.consumers:
+            return  # as aiormq does: no consumer (cancelled); the broker redelivers it
         try:
             on_message(message)
         except Exception:  # the channel's reader must go on
