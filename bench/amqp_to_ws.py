@@ -122,7 +122,7 @@ async def receive(port: int, chat: str, n: int) -> None:
             if frame.get("type") != "update":
                 raise RuntimeError(f"unexpected frame {frame}")
         print_json({"first_ns": first, "last_ns": now_ns(),
-                    "client_cpu_us_per_msg": (cpu_seconds(os.getpid()) - cpu0) / n * 1e6})
+                    "client_cpu_us_per_msg": (cpu_seconds(os.getpid()) - cpu0) / (n - 1) * 1e6})
 
 
 def measure(args: Any, config: str) -> dict[str, Any]:

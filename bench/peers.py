@@ -96,7 +96,7 @@ def measure(args: Any, config: str) -> dict[str, Any]:
     rabbit.declare(args.url, queue)
     try:
         if config == "web-stomp":
-            return ws_to_amqp.run_ws(args, broker_pid(), STOMP_PORT, queue, clients=__file__)
+            return ws_to_amqp.run_ws(args, broker_pid(), STOMP_PORT, queue, client_script=__file__)
         port = harness.free_port()
         with harness.daemon(ws_to_amqp.bridged_config(port, args.url, queue),
                             profile=args.profile) as d:

@@ -72,13 +72,13 @@ async def raw_publish(url: str, queue: str, n: int, window: int) -> dict[str, An
 
 
 def run_ws(args: Any, server_pid: int, port: int, queue: str,
-           clients: str = __file__) -> dict[str, Any]:
-    """Drive the WebSocket clients (the ``clients`` worker of the script ``clients``) against
-    a server on ``port``; the rate into ``queue``."""
+           client_script: str = __file__) -> dict[str, Any]:
+    """Drive the WebSocket clients (the ``clients`` worker of ``client_script``) against a
+    server on ``port``; the rate into ``queue``."""
     per_socket = args.n // (args.procs * args.sockets)
     n = per_socket * args.procs * args.sockets
     tag = unique("c")
-    cmds = [worker_cmd(clients, "clients", port=port, sockets=args.sockets, frames=per_socket,
+    cmds = [worker_cmd(client_script, "clients", port=port, sockets=args.sockets, frames=per_socket,
                        chat=f"{tag}-{p}", queue=queue) for p in range(args.procs)]
     with processes(cmds) as clients:
         c0 = cpu_seconds(server_pid)

@@ -63,6 +63,8 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite
 
 
 def _json_decode(data: bytes) -> Any:
+    if data.startswith(b"\xef\xbb\xbf"):  # json.loads said so; JSONDecoder.decode does not
+        raise DecodeError("not valid JSON: it starts with a UTF-8 byte order mark")
     try:
         value = _DECODER.decode(data.decode("utf-8"))
     except UnicodeDecodeError as e:

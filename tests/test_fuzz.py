@@ -97,6 +97,11 @@ def test_hostile_json_is_refused(data: bytes) -> None:
         JSON.decode(data)
 
 
+def test_a_byte_order_mark_is_named() -> None:
+    with pytest.raises(DecodeError, match="byte order mark"):
+        JSON.decode(b"\xef\xbb\xbf{}")
+
+
 @pytest.mark.parametrize("value", [
     b"bin", {b"key": 1}, {1: 1}, float("nan"), float("inf"), msgpack.ExtType(1, b"x"),
     msgpack.Timestamp(1), [[[b"deep"]]],
