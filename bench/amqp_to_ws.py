@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -180,7 +181,7 @@ def main() -> None:
         bench = Bench("amqp_to_ws", args)
         print(f"AMQP -> WS, N={args.n}, {args.rounds} rounds", file=sys.stderr)
         configs = [*CONFIGS, *(list(STAGES)[1:] if args.stages else [])]
-        bench.rounds({c: (lambda c=c: measure(args, c)) for c in configs}, args.rounds,
+        bench.rounds({c: partial(measure, args, c) for c in configs}, args.rounds,
                      lambda r: f"{r['msgs_per_s']:8,.0f} msg/s")
         for c in configs[1:]:
             bench.ratio(f"{c} / raw aio-pika consume", c, "raw aio-pika consume",

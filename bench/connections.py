@@ -31,6 +31,7 @@ import re
 import sys
 import time
 import urllib.request
+from functools import partial
 from typing import Any
 
 import harness
@@ -229,7 +230,7 @@ def main() -> None:
             "client_gap_max_ms", "idle_cpu_share", "silent_sockets", "closed_sockets"]
     for n in (int(x) for x in args.sockets.split(",")):
         print(f"{n} heartbeat=true sockets, interval {args.interval} s, window {args.window} s")
-        configs = {f"{c} {n}": (lambda c=c, n=n: measure(args, c, n))
+        configs = {f"{c} {n}": partial(measure, args, c, n)
                    for c in ("raw trio-websocket heartbeat", "raw, tuned GC", "bridged")}
         bench.rounds(configs, args.rounds,
                      lambda r: f"{r['rss_kb_per_socket']:.1f} KB/socket, lateness p50"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from functools import partial
 from typing import Any
 
 import harness
@@ -97,7 +98,7 @@ def main() -> None:
         bench = Bench("fanout", args)
         print(f"fan-out: 1 chat, {args.sockets} sockets in {args.procs} processes + 1 sender,"
               f" {args.events} events, window {args.window}, {args.rounds} rounds")
-        bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds,
+        bench.rounds({c: partial(measure, args, c) for c in CONFIGS}, args.rounds,
                      lambda r: f"{r['deliveries_per_s']:9,.0f} deliveries/s"
                                f" (server {r['server_cpu_share']:.0%} CPU)")
         bench.ratio("bridged / raw broadcast", "bridged", "raw trio-websocket broadcast",

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -372,7 +372,7 @@ class Bench:
     extra: dict[str, Any] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
 
-    def rounds(self, configs: dict[str, Callable[[], dict[str, Any]]], rounds: int,
+    def rounds(self, configs: Mapping[str, Callable[[], dict[str, Any]]], rounds: int,
                show: Callable[[dict[str, Any]], str]) -> None:
         """Each round runs every configuration once, in a fresh random order."""
         only = getattr(self.args, "only", "")

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -250,7 +251,7 @@ def main() -> None:
         return
     bench = Bench("latency", args)
     print(f"latency at {args.rate:.0f} msg/s for {args.seconds} s, {args.rounds} rounds")
-    bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds,
+    bench.rounds({c: partial(measure, args, c) for c in CONFIGS}, args.rounds,
                  lambda r: f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms,"
                            f" max {r['max_ms']:.1f} ms, {r['count']}/{r['sent']} received")
     for kind, raw in (("ws->ws", "raw broadcast"), ("notification", "raw aio-pika")):

@@ -22,6 +22,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import harness
@@ -172,7 +173,7 @@ def main() -> None:
     bench = Bench("lifecycle", args)
     print(f"lifecycle: {args.rounds} rounds; load {args.procs}x{args.sockets} sockets,"
           f" window {args.window}, SIGTERM after {args.load_s} s")
-    bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds, show)
+    bench.rounds({c: partial(measure, args, c) for c in CONFIGS}, args.rounds, show)
     bench.ratio("READY / import floor", "bridged idle", "import floor", "ready_s")
     bench.ratio("drain under load / idle", "bridged under load", "bridged idle", "drain_s")
     bench.report(["ready_s", "drain_s", "load_msgs_per_s", "accepted", "published", "lost",

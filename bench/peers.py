@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import harness
@@ -132,7 +133,7 @@ def main() -> None:
     bench = Bench("peers", args)
     print(f"peers, WS -> AMQP, N={args.n}, {args.procs}x{args.sockets} sockets, "
           f"{args.rounds} rounds")
-    bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds,
+    bench.rounds({c: partial(measure, args, c) for c in CONFIGS}, args.rounds,
                  lambda r: f"{r['msgs_per_s']:8,.0f} msg/s")
     bench.ratio("bridged / web-stomp", "bridged", "web-stomp", "msgs_per_s")
     bench.report(["msgs_per_s", "server_cpu_us_per_msg"])

@@ -72,7 +72,7 @@ async def main(args: argparse.Namespace) -> None:
         directory = Path(tmp)
         for batch in (1, 16, 256):
             for sync in ("full", "normal"):
-                r = await sqlite_run(directory, args.n, batch, sync)  # type: ignore[arg-type]
+                r = await sqlite_run(directory, args.n, batch, sync)
                 results.append({"store": f"sqlite-{sync}", "batch": batch, **r})
             results.append({"store": "file+fsync", "batch": batch,
                             **file_run(directory, args.n, batch)})

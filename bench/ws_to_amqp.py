@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -132,7 +133,7 @@ def main() -> None:
         return
     bench = Bench("ws_to_amqp", args)
     print(f"WS -> AMQP, N={args.n}, {args.procs}x{args.sockets} sockets, {args.rounds} rounds")
-    bench.rounds({c: (lambda c=c: measure(args, c)) for c in CONFIGS}, args.rounds,
+    bench.rounds({c: partial(measure, args, c) for c in CONFIGS}, args.rounds,
                  lambda r: f"{r['msgs_per_s']:8,.0f} msg/s")
     bench.ratio("bridged / raw aio-pika publish", "bridged", "raw aio-pika publish",
                 "msgs_per_s")

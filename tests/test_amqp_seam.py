@@ -23,6 +23,7 @@ from bridge_plugins.amqp_seam import (
     Connection,
     ConnectionLost,
     Consumer,
+    Delivery,
     Outgoing,
     Properties,
     Publisher,
@@ -120,7 +121,7 @@ async def test_publisher_window_bounds_unconfirmed_messages() -> None:
             # the broker, 4 waiting for a slot on the asyncio side)
             await publisher.publish(messages)
         assert scope.cancelled_caught
-        confirms = []
+        confirms: list[Confirm] = []
         with trio.fail_after(5):
             while len(confirms) < 8:
                 confirms += await publisher.confirms()
@@ -242,7 +243,7 @@ async def test_consumer_prefetch_and_acks_in_any_order(monkeypatch: pytest.Monke
             assert len(held) == 10
             for d in reversed(held):  # out of order: acked one by one
                 consumer.ack(d.tag)
-            rest = []
+            rest: list[Delivery] = []
             with trio.fail_after(5):
                 while len(rest) < 20:
                     batch = await consumer.receive()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -112,7 +113,7 @@ class FailingCommit:
         self.db = db
         self.fail = True
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql == "COMMIT" and self.fail:
             self.fail = False
             raise sqlite3.OperationalError("disk I/O error")

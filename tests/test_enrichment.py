@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,7 +184,7 @@ def test_notification_to_chat_without_enrichment_still_assigns_an_event_id() -> 
     ({"message": 5}, "message"),
     ({"timestamp": "not a date"}, "timestamp"),
 ])
-def test_notification_that_cannot_be_mapped_is_a_contract_error(change: dict[str, object],
+def test_notification_that_cannot_be_mapped_is_a_contract_error(change: dict[str, Any],
                                                                 field: str) -> None:
     with pytest.raises(ContractError) as e:
         notification_to_chat(_notification(**change))

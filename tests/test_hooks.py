@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -25,6 +25,7 @@ from bridge.config import Config
 from bridge.daemon import Daemon
 from bridge.plugins import Hooks, build_plugin_manager
 from bridge.testing import run_bridge
+from bridge_plugins.memory import MemoryTransport
 
 CONFIG = """
 [transports.a]
@@ -78,10 +79,11 @@ async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Con
         assert extras.events == ["startup state"]
         assert daemon.registry.codecs["text/x-reversed"].decode(b"olleh") == "hello"
         # A kind of its own: the built-in enrichment would shape a chat.event.
-        await daemon.transports["a"].inject({"text": ""}, kind="text")  # dropped by drop-empty
-        outcome = await daemon.transports["a"].inject({"text": "hi"}, kind="text")
+        a, b = (cast(MemoryTransport, daemon.transports[n]) for n in "ab")
+        await a.inject({"text": ""}, kind="text")  # dropped by drop-empty
+        outcome = await a.inject({"text": "hi"}, kind="text")
         assert isinstance(outcome, Accepted)
-        assert (await daemon.transports["b"].received.receive()).body == {"text": "HI"}
+        assert (await b.received.receive()).body == {"text": "HI"}
     assert extras.events == ["startup state", "shutdown", "background cancelled"]
 
 

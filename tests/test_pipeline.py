@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import pluggy
 import pytest
@@ -22,6 +23,7 @@ from bridge import (
     hookimpl,
 )
 from bridge.config import Config
+from bridge.daemon import Daemon
 from bridge.plugins import build_plugin_manager
 from bridge.testing import run_bridge
 from bridge_plugins.memory import MemorySettings, MemoryTransport
@@ -52,11 +54,15 @@ to = ["b"]
 MakeConfig = Callable[..., Config]
 
 
+def mem(daemon: Daemon, name: str) -> MemoryTransport:
+    return cast(MemoryTransport, daemon.transports[name])
+
+
 async def test_message_flows_source_to_destination(bridge_config: MakeConfig) -> None:
     async with run_bridge(bridge_config(TWO)) as daemon:
-        outcome = await daemon.transports["a"].inject({"n": 1}, chat_id="c1")
+        outcome = await mem(daemon, "a").inject({"n": 1}, chat_id="c1")
         assert isinstance(outcome, Accepted)
-        got = await daemon.transports["b"].received.receive()
+        got = await mem(daemon, "b").received.receive()
         assert (got.body, got.chat_id, got.source) == ({"n": 1}, "c1", "a")
 
 
@@ -91,9 +97,9 @@ class AsyncEnricher:
 async def test_sync_and_async_hooks_mix(bridge_config: MakeConfig) -> None:
     plugin = SyncAndAsync()
     async with run_bridge(bridge_config(TWO), extra_plugins=[plugin, AsyncEnricher()]) as daemon:
-        ok = await daemon.transports["a"].inject({"n": 1})
-        bad = await daemon.transports["a"].inject({"n": 2, "kind": "bad"})
-        got = await daemon.transports["b"].received.receive()
+        ok = await mem(daemon, "a").inject({"n": 1})
+        bad = await mem(daemon, "a").inject({"n": 2, "kind": "bad"})
+        got = await mem(daemon, "b").received.receive()
     assert isinstance(ok, Accepted)
     assert ok.message.id == "id-1"
     assert got.meta == {"seen_id": "id-1"}
@@ -115,9 +121,9 @@ async def test_plugin_raising_for_one_message_does_not_stop_the_next(
     bridge_config: MakeConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with run_bridge(bridge_config(TWO), extra_plugins=[Explodes()]) as daemon:
-        first = await daemon.transports["a"].inject({"boom": True}, id="m-1")
-        second = await daemon.transports["a"].inject({"n": 2}, id="m-2")
-        got = await daemon.transports["b"].received.receive()
+        first = await mem(daemon, "a").inject({"boom": True}, id="m-1")
+        second = await mem(daemon, "a").inject({"n": 2}, id="m-2")
+        got = await mem(daemon, "b").received.receive()
     assert isinstance(first, Failed)
     assert "RuntimeError" in first.reason
     assert isinstance(second, Accepted)
@@ -142,7 +148,7 @@ async def test_persist_failure_is_isolated_to_its_message(bridge_config: MakeCon
     plugin = PoisonPersist()
     config = bridge_config(TWO.replace("batch_max = 2", "batch_max = 8"))
     async with run_bridge(config, extra_plugins=[plugin]) as daemon:
-        a = daemon.transports["a"]
+        a = mem(daemon, "a")
         results: dict[str, Any] = {}
 
         async def send(i: str, body: dict[str, Any]) -> None:
@@ -156,7 +162,7 @@ async def test_persist_failure_is_isolated_to_its_message(bridge_config: MakeCon
             nursery.start_soon(send, "m2", {"n": 2})
             await trio.testing.wait_all_tasks_blocked()
             plugin.gate.set()
-        delivered = [(await daemon.transports["b"].received.receive()).id for _ in range(2)]
+        delivered = [(await mem(daemon, "b").received.receive()).id for _ in range(2)]
     assert isinstance(results["m0"], Accepted)
     assert isinstance(results["m1"], Failed)
     assert isinstance(results["m2"], Accepted)
@@ -181,7 +187,7 @@ async def test_the_next_batch_is_prepared_while_one_persists(bridge_config: Make
                                                              ) -> None:
     plugin = SeesPrepared()
     async with run_bridge(bridge_config(TWO), extra_plugins=[plugin]) as daemon:
-        a, b = daemon.transports["a"], daemon.transports["b"]
+        a, b = mem(daemon, "a"), mem(daemon, "b")
         await a.inject({"n": 0}, id="m0", wait=False)
         await trio.testing.wait_all_tasks_blocked()  # m0 is held at persist
         await a.inject({"n": 1}, id="m1", wait=False)
@@ -211,7 +217,7 @@ async def test_a_drain_that_times_out_settles_nothing_unfinished(bridge_config: 
     async with run_bridge(config, extra_plugins=[StuckPersist()]) as daemon:
         for i in ("m0", "m1", "m2"):
             await daemon.pipeline.submit(Message("memory", {}, "a", i),
-                                         lambda o, i=i: outcomes.__setitem__(i, o))
+                                         partial(outcomes.__setitem__, i))
             await trio.testing.wait_all_tasks_blocked()
         assert daemon.pipeline.pending == 3
     assert outcomes == {}
@@ -235,9 +241,9 @@ async def test_destination_failure_affects_only_its_message(bridge_config: MakeC
                                        '[transports.b]\ntype = "flaky"'),
                            extra_plugins=[FlakyPlugin()])
     async with run_bridge(config, extra_plugins=[FlakyPlugin()]) as daemon:
-        bad = await daemon.transports["a"].inject({"refuse": True}, id="x")
-        good = await daemon.transports["a"].inject({"n": 1}, id="y")
-        assert (await daemon.transports["b"].received.receive()).id == "y"
+        bad = await mem(daemon, "a").inject({"refuse": True}, id="x")
+        good = await mem(daemon, "a").inject({"n": 1}, id="y")
+        assert (await mem(daemon, "b").received.receive()).id == "y"
     assert isinstance(bad, Failed)
     assert bad.reason == "delivery to b failed"
     assert isinstance(good, Accepted)
@@ -246,8 +252,8 @@ async def test_destination_failure_affects_only_its_message(bridge_config: MakeC
 async def test_hop_limit_rejects(bridge_config: MakeConfig) -> None:
     config = bridge_config(TWO.replace("batch_max = 2", "batch_max = 2\nhop_limit = 3"))
     async with run_bridge(config) as daemon:
-        ok = await daemon.transports["a"].inject({}, hops=3)
-        over = await daemon.transports["a"].inject({}, hops=4)
+        ok = await mem(daemon, "a").inject({}, hops=3)
+        over = await mem(daemon, "a").inject({}, hops=4)
     assert isinstance(ok, Accepted)
     assert isinstance(over, Rejected)
     assert isinstance(over.error, HopLimitExceeded)
@@ -261,7 +267,7 @@ async def test_blocked_destination_bounds_memory_and_pushes_back(bridge_config: 
     total = 100
     injected = 0
     async with run_bridge(bridge_config(TWO)) as daemon:
-        a, b = daemon.transports["a"], daemon.transports["b"]
+        a, b = mem(daemon, "a"), mem(daemon, "b")
 
         async def producer() -> None:
             nonlocal injected
@@ -284,7 +290,7 @@ async def test_drain_on_stop_delivers_everything_in_flight(bridge_config: MakeCo
     config = bridge_config(TWO.replace("capacity = 2", "capacity = 1000")
                            .replace("pipeline_queue = 4", "pipeline_queue = 1000"))
     async with run_bridge(config) as daemon:
-        a, b = daemon.transports["a"], daemon.transports["b"]
+        a, b = mem(daemon, "a"), mem(daemon, "b")
         for i in range(500):
             await a.inject({"n": i}, wait=False)
         assert daemon.pipeline.pending > 0  # still in flight when the drain starts
@@ -334,8 +340,8 @@ async def test_a_burst_submitted_in_a_loop_is_one_batch(bridge_config: MakeConfi
         "batch_max = 2", "batch_max = 64").replace("capacity = 2", "capacity = 64")
     async with run_bridge(bridge_config(cfg), extra_plugins=[sizes]) as daemon:
         for n in range(50):
-            await daemon.transports["a"].inject({"n": n}, wait=False)
+            await mem(daemon, "a").inject({"n": n}, wait=False)
         with trio.fail_after(5):
-            got = [await daemon.transports["b"].received.receive() for _ in range(50)]
+            got = [await mem(daemon, "b").received.receive() for _ in range(50)]
     assert [m.body["n"] for m in got] == list(range(50))
     assert sizes.sizes == [50]

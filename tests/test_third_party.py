@@ -7,11 +7,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import cast
 
 from bridge import CHAT_EVENT, Accepted, ContractError, Rejected
 from bridge.config import Config
 from bridge.plugins import available_plugins, build_plugin_manager, describe_plugins
 from bridge.testing import run_bridge
+from bridge_plugins.memory import MemoryTransport
 
 CONFIG = """
 [plugins]
@@ -47,7 +49,7 @@ def test_installed_distribution_is_discovered_through_entry_point() -> None:
 
 async def test_enabled_plugin_rejects_a_message(bridge_config: Callable[[str], Config]) -> None:
     async with run_bridge(bridge_config(CONFIG)) as daemon:
-        a = daemon.transports["a"]
+        a = cast(MemoryTransport, daemon.transports["a"])
         clean = await a.inject({"type": "update", "message": [{"type": "message", "text": "hi"}]},
                                kind=CHAT_EVENT, chat_id="c1")
         dirty = await a.inject({"type": "update", "message": [

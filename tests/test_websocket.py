@@ -47,7 +47,7 @@ async def test_updates_and_heartbeats_share_one_sequence(tmp_path: Path) -> None
         await receive(ws)  # a heartbeat first: the sequence is already past 0
         await ws.send_message(update("one"))
         await ws.send_message(update("two"))
-        frames = []
+        frames: list[dict[str, Any]] = []
         while len([f for f in frames if f["type"] == "update"]) < 2 or len(frames) < 4:
             frames.append(await receive(ws))
     assert [f["socket_sequence"] for f in frames] == list(range(1, len(frames) + 1))

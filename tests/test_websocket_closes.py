@@ -156,7 +156,8 @@ async def test_a_stalled_reader_is_closed_1013_others_keep_their_latency_and_it_
     big = "z" * 60_000
     async with chat_bridge(tmp_path, outbound_queue=4, extra_plugins=[history]) as b, \
             client(b.port, message_queue_size=0) as stalled, client(b.port) as reader:
-        latencies, sent = [], []
+        latencies: list[float] = []
+        sent: list[str] = []
         while b.metric("slow_client_closes_total") == 0:
             assert len(sent) < 2000, "the stalled reader was never closed"
             start = trio.current_time()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -128,5 +128,5 @@ class RecordRemote:
 async def test_the_handshake_hook_sees_the_client_endpoint(tmp_path: Path) -> None:
     auth = RecordRemote()
     async with chat_bridge(tmp_path, extra_plugins=[auth]) as b, client(b.port) as ws:
-        host, port = ws._stream.socket.getsockname()[:2]
+        host, port = cast(trio.SocketStream, ws._stream).socket.getsockname()[:2]
     assert auth.remotes == [f'Endpoint(address="{host}", port={port}, is_ssl=False)']
