@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -45,6 +46,10 @@ async def naive(port: int, queue: str, url: str) -> None:
     ids = itertools.count()
 
     async def handler(ws: websockets.ServerConnection) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):  # the clients are killed
+            await serve(ws)
+
+    async def serve(ws: websockets.ServerConnection) -> None:
         async for frame in ws:
             body = json.loads(frame)
             now = time.time()
