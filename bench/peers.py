@@ -116,13 +116,7 @@ CONFIGS: Sequence[str] = ("web-stomp", "bridged")
 
 def main() -> None:
     p = harness.parser(__doc__, rounds=3)
-    p.add_argument("--n", type=int, default=20000, help="messages per run")
-    p.add_argument("--procs", type=int, default=2, help="client processes")
-    p.add_argument("--sockets", type=int, default=16, help="sockets per client process")
-    p.add_argument("--port", type=int)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--chat")
-    p.add_argument("--queue")
+    ws_to_amqp.add_load_options(p)
     args = p.parse_args()
     if args.worker == "clients":
         asyncio.run(stomp_blast(args.port, args.sockets, args.frames, args.queue))

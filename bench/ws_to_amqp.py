@@ -20,6 +20,7 @@ from the first frame sent to the moment the queue holds N messages (polled every
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -114,8 +115,8 @@ def measure(args: Any, config: str) -> dict[str, Any]:
 CONFIGS = ("raw aio-pika publish", "naive websockets+aio-pika", "bridged")
 
 
-def main() -> None:
-    p = harness.parser(__doc__, rounds=5)
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The options of :func:`run_ws`'s load, and of its ``clients`` workers."""
     p.add_argument("--n", type=int, default=20000, help="messages per run")
     p.add_argument("--procs", type=int, default=2, help="client processes")
     p.add_argument("--sockets", type=int, default=16, help="sockets per client process")
@@ -123,6 +124,11 @@ def main() -> None:
     p.add_argument("--frames", type=int)
     p.add_argument("--chat", default="bench")
     p.add_argument("--queue")
+
+
+def main() -> None:
+    p = harness.parser(__doc__, rounds=5)
+    add_load_options(p)
     args = p.parse_args()
     if args.worker == "raw":
         harness.print_json(asyncio.run(raw_publish(args.url, args.queue, args.n, 256)))
