@@ -18,6 +18,7 @@ from .errors import (
     DeliveryError,
     HopLimitExceeded,
     ReplayGap,
+    StorageUnavailable,
 )
 from .identity import Identity
 from .message import CHAT_EVENT, NOTIFICATION, Message
@@ -62,6 +63,7 @@ __all__ = [
     "ReplayGap",
     "Secret",
     "Settle",
+    "StorageUnavailable",
     "Transform",
     "Transport",
     "TransportContext",

@@ -61,6 +61,10 @@ class _Context:
                                 field="since", rule="history")
         return result
 
+    async def persist(self, messages: Sequence[Message]) -> None:
+        if messages and self._daemon.hooks.has("bridge_persist_messages"):
+            await self._daemon.hooks.persist(messages)
+
     async def authenticate(self, request: Mapping[str, Any]) -> Any:
         return await self._daemon.hooks.authenticate(request)
 

@@ -45,6 +45,14 @@ class DeliveryError(BridgeError):
     """A destination could not take a message."""
 
 
+class StorageUnavailable(BridgeError):
+    """Storage cannot take writes for now (a full disk, a database that is down). Raised by a
+    persist hook or a durable destination (an outbox): the message is not failed for good
+    but held with its source (AMQP keeps the delivery and submits it again after a pause;
+    the chat closes the socket with 1013, try again later), and ``/readyz`` is not ready
+    until a write succeeds again."""
+
+
 class ReplayGap(BridgeError):
     """A replay was asked from a point older than the history still kept."""
 

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 # Attributes every record has (or gets from other formatters): not repeated as extra fields.
@@ -53,3 +54,31 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     # transport already logs the loss and each reconnect in one line, so keep only errors.
     for noisy in ("aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class RateLimited:
+    """One log line per kind of failure and ``interval_s``: a fault that hits every message
+    (a full disk) logs a line every ``interval_s``, saying how many it did not log, instead
+    of a line (and a traceback) per message."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, suppressed since)
+
+    def warning(self, logger: logging.Logger, kind: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at WARNING unless ``kind`` was logged less than ``interval_s``
+        ago; whether it was logged."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[kind] = (last[0], last[1] + 1)
+            return False
+        if len(self._last) > 1024:  # many kinds: forget the old ones
+            self._last.clear()
+        suppressed = last[1] if last is not None else 0
+        self._last[kind] = (now, 0)
+        if suppressed:
+            msg += f" ({suppressed} more like it in the last {self.interval_s:.0f} s)"
+        logger.warning(msg, *args)
+        return True

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import ContractError, DecodeError, HopLimitExceeded
+from .errors import ContractError, DecodeError, HopLimitExceeded, StorageUnavailable
+from .logs import RateLimited
 from .message import Message
 from .metrics import Metrics
 from .plugins import Hooks
@@ -80,6 +81,9 @@ class Pipeline:
         self._idle = trio.Event()
         self._idle.set()
         self.open = trio.Event()  # set by the daemon once every transport has started
+        #: why the last write to storage failed; None while storage takes writes
+        self.storage_error: str | None = None
+        self._storage_log = RateLimited(interval_s=10.0)
 
     @property
     def pending(self) -> int:
@@ -160,9 +164,20 @@ class Pipeline:
             await self._prepare(work, router)
 
     async def _finish(self, batch: list[Work]) -> None:
+        """Durable destinations (outboxes) take the batch first and hold it, then it is
+        persisted, then the outboxes learn what was stored, and only then do the other
+        destinations (the chat's sockets: the sender's echo) get it. So an echo never leaves
+        before every durable copy of its event exists, whatever the routes' order, and an
+        event is either in the history and every outbox or in none (docs/architecture.md)."""
         ready = [w for w in batch if w.outcome is None]
-        await self._persist(ready)
-        await self._deliver([w for w in ready if w.outcome is None])
+        durable = {name for name, t in self._destinations.items() if _is_durable(t)}
+        if durable:
+            await self._deliver(ready, lambda dest: dest in durable)
+        await self._persist([w for w in ready if w.outcome is None])
+        if durable:
+            await self._commit(ready, durable)
+        await self._deliver([w for w in ready if w.outcome is None],
+                            lambda dest: dest not in durable)
 
     async def _prepare(self, work: Work, router: Router) -> None:
         msg = work.inbound
@@ -193,52 +208,102 @@ class Pipeline:
             return
         try:
             await self._hooks.persist(_unique(m for w in ready for m in _leg_messages(w)))
-            return
-        except Exception:
-            if len(ready) == 1:
-                self._persist_failed(ready[0])
+        except Exception as e:
+            if len(ready) == 1 or isinstance(e, StorageUnavailable):
+                for work in ready:  # storage is down: every message of the batch waits
+                    self._persist_failed(work, e)
                 return
+        else:
+            self._storage_ok()
+            return
         for work in ready:  # isolate the message that fails
             try:
                 await self._hooks.persist(_unique(_leg_messages(work)))
-            except Exception:
-                self._persist_failed(work)
+            except Exception as e:
+                self._persist_failed(work, e)
+            else:
+                self._storage_ok()
 
-    def _persist_failed(self, work: Work) -> None:
+    def _persist_failed(self, work: Work, error: Exception) -> None:
         assert work.message is not None
-        log.exception("persist failed for message %s", work.message.id)
-        self._metrics.count("failed_total", transport=work.inbound.source, stage="persist")
+        source = work.inbound.source
+        if isinstance(error, StorageUnavailable):
+            self._storage_failed(error)
+            self._metrics.count("failed_total", transport=source, stage="persist")
+            work.fail(Failed("could not store the message; try again later", retry=True))
+            return
+        log.error("persist failed for message %s", work.message.id, exc_info=error)
+        self._metrics.count("failed_total", transport=source, stage="persist")
         work.fail(Failed("could not store the message"))
 
-    async def _deliver(self, ready: list[Work]) -> None:
+    def _storage_failed(self, error: StorageUnavailable) -> None:
+        """Storage refuses writes: not ready, and one log line per kind of failure."""
+        if self.storage_error is None:
+            self._metrics.gauge("storage_ready", 0)
+        self.storage_error = str(error) or type(error).__name__
+        self._storage_log.warning(log, self.storage_error, "storage unavailable: %s",
+                                  self.storage_error)
+
+    def _storage_ok(self) -> None:
+        if self.storage_error is not None:
+            log.warning("storage available again (was: %s)", self.storage_error)
+            self.storage_error = None
+            self._metrics.gauge("storage_ready", 1)
+
+    async def _commit(self, ready: list[Work], durable: set[str]) -> None:
+        """Tell each durable destination which of the messages it holds were stored."""
+        for dest in durable:
+            kept: list[Message] = []
+            dropped: list[Message] = []
+            for work in ready:
+                for leg in work.legs:
+                    if dest in leg.destinations:
+                        (kept if work.outcome is None else dropped).append(leg.message)
+            if not kept and not dropped:
+                continue
+            try:
+                await self._destinations[dest].commit(kept, dropped)  # type: ignore[attr-defined]
+            except StorageUnavailable as e:  # it holds them: its next commit sends them
+                self._storage_failed(e)
+            except Exception:  # it holds them: they are sent after its next start
+                log.exception("commit to %s failed for %d messages", dest, len(kept))
+
+    async def _deliver(self, ready: list[Work], wanted: Callable[[str], bool]) -> None:
         per_dest: dict[str, list[tuple[Work, Leg]]] = {}
         for work in ready:
             for leg in work.legs:
                 for dest in leg.destinations:
-                    per_dest.setdefault(dest, []).append((work, leg))
+                    if wanted(dest):
+                        per_dest.setdefault(dest, []).append((work, leg))
         for dest, items in per_dest.items():
             transport = self._destinations[dest]
             try:
                 await transport.deliver([leg.message for _, leg in items])
-            except Exception:
-                if len(items) == 1:
-                    self._deliver_failed(dest, *items[0])
+            except Exception as e:
+                if len(items) == 1 or isinstance(e, StorageUnavailable):
+                    for work, leg in items:
+                        self._deliver_failed(dest, work, leg, e)
                     continue
                 for work, leg in items:
                     try:
                         await transport.deliver([leg.message])
-                    except Exception:
-                        self._deliver_failed(dest, work, leg)
+                    except Exception as e:
+                        self._deliver_failed(dest, work, leg, e)
                         continue
                     self._metrics.count("messages_out_total", transport=dest, route=leg.route)
                 continue
             for _, leg in items:
                 self._metrics.count("messages_out_total", transport=dest, route=leg.route)
 
-    def _deliver_failed(self, dest: str, work: Work, leg: Leg) -> None:
-        log.exception("delivery to %s failed on route %s for message %s", dest, leg.route,
-                      leg.message.id)
+    def _deliver_failed(self, dest: str, work: Work, leg: Leg, error: Exception) -> None:
         self._metrics.count("failed_total", transport=dest, stage="deliver")
+        if isinstance(error, StorageUnavailable):
+            self._storage_failed(error)
+            work.fail(Failed(f"delivery to {dest} failed: {error}; try again later",
+                             retry=True))
+            return
+        log.error("delivery to %s failed on route %s for message %s", dest, leg.route,
+                  leg.message.id, exc_info=error)
         work.fail(Failed(f"delivery to {dest} failed"))
 
     def _settle(self, batch: Sequence[Work], *, finished: bool = True) -> None:
@@ -254,6 +319,11 @@ class Pipeline:
                 outcome = Accepted(work.message or work.inbound)
             settle_safely(work.settle, outcome, (work.message or work.inbound).id)
         self._done(len(batch))
+
+
+def _is_durable(transport: Transport) -> bool:
+    """Whether ``transport`` is a durable destination (it has ``commit``: an outbox)."""
+    return callable(getattr(transport, "commit", None))
 
 
 def _leg_messages(work: Work) -> list[Message]:

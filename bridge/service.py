@@ -36,6 +36,9 @@ from .transport import Health
 
 log = logging.getLogger("bridge.service")
 
+#: the ``/readyz`` entry that is not ready while storage refuses writes
+STORAGE = "storage"
+
 #: Seconds between readiness checks that feed ``READY=1`` and ``STATUS=``...
 READY_POLL_S = 0.2
 #: ... and, for the first STARTUP_FAST_S seconds until the first ``READY=1``, every
@@ -72,6 +75,9 @@ class Service:
                 out[name] = transport.health()
             except Exception as e:  # a broken health() must not break /readyz
                 out[name] = Health(False, f"health check failed: {type(e).__name__}")
+        storage_error = self.daemon.pipeline.storage_error
+        if storage_error is not None:  # a full disk, a database that is down
+            out[STORAGE] = Health(False, f"storage refuses writes: {storage_error}")
         return out
 
     def readiness(self) -> Readiness:

@@ -40,9 +40,15 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The bridge's fault (a plugin or destination raised). ``reason`` is safe to show."""
+    """The bridge's fault (a plugin or destination raised). ``reason`` is safe to show.
+
+    ``retry`` is true when the fault is transient (:class:`~bridge.StorageUnavailable`: a
+    full disk, a database that is down): the source should hold the message and try again
+    later rather than give it up (the AMQP transport keeps the delivery and submits it
+    again; the chat closes with 1013)."""
 
     reason: str
+    retry: bool = False
 
 
 Outcome = Accepted | Rejected | Failed
@@ -102,6 +108,11 @@ class TransportContext(Protocol):
         ``bridge_replay_messages`` hook. Raises :class:`~bridge.ReplayGap` when ``since`` is
         older than what is kept and :class:`~bridge.ContractError` when it is unknown."""
 
+    async def persist(self, messages: Sequence[Message]) -> None:
+        """Store ``messages`` through the ``bridge_persist_messages`` hooks, as the pipeline
+        does (a no-op without such hooks). A durable destination calls it at start for what
+        it still held when the daemon stopped (see :class:`Transport`)."""
+
     async def authenticate(self, request: Mapping[str, Any]) -> Any:
         """The identity the ``bridge_authenticate_handshake`` hooks give for a handshake
         ``request`` (None when no plugin authenticates)."""
@@ -125,7 +136,17 @@ class Transport(Protocol):
     (SIGHUP) the core calls it with the new settings object, changed or not (so that files
     such as certificates are re-read); return True once they are in effect (keep live
     connections), False to keep the old ones until a restart (the core logs which fields
-    wait). Without it, any settings change waits for a restart."""
+    wait). Without it, any settings change waits for a restart.
+
+    Optional: ``async commit(kept, dropped)`` makes the transport a *durable destination*
+    (an outbox). The core then hands it each batch before it persists the batch and before
+    any other destination, whatever the order of the routes, so the sender's echo leaves
+    only once the outbox has the event. ``deliver`` must store the messages durably and
+    *hold* them (not send them on) until ``commit`` says which of them the persist step
+    stored (``kept``: send them) and which it did not (``dropped``: forget them). What is
+    still held after a crash is the transport's to reconcile at its next start: store it
+    with :meth:`TransportContext.persist` (idempotent) and send it, so the history and the
+    outbox agree (docs/architecture.md)."""
 
     name: str
 

@@ -29,6 +29,7 @@ from bridge import (
     Accepted,
     DecodeError,
     DeliveryError,
+    Failed,
     Health,
     Message,
     Outcome,
@@ -61,6 +62,10 @@ HOPS_HEADER = "x-bridge-hops"
 CHAT_ID_HEADER = "x-bridge-chat-id"
 KIND_HEADER = "x-bridge-kind"
 _TEMPLATE_FIELDS = frozenset({"chat_id", "kind", "source"})
+#: A delivery that failed for a transient reason (storage down) is submitted again after
+#: this pause, doubled while it keeps failing, up to RETRY_MAX_S.
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 5.0
 
 
 def _positive(v: float) -> str | None:
@@ -154,6 +159,15 @@ class AmqpTransport:
         self._spool_grown = trio.Event()
         self._first_attempt = trio.Event()
         self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
+        self._held: dict[int, int] = {}  # id(message) -> outbox seq, until commit
+        self._to_drop: list[int] = []  # outbox seqs to delete at the next commit
+        #: deliveries that failed for a transient reason (storage down), to submit again
+        self._parked: list[tuple[Message, Delivery]] = []
+        self._retrying = 0  # parked deliveries submitted again and not settled yet
+        self._retried = trio.Event()
+        self._unparked = trio.Event()  # set while nothing is parked
+        self._unparked.set()
+        self._parked_now = trio.Event()  # fired when the first delivery is parked
         self._inflight: dict[str, list[tuple[Consumer, int]]] = {}
         self._tls = TlsOptions(
             ca_file=_path(settings.tls_ca_file), cert_file=_path(settings.tls_cert_file),
@@ -179,6 +193,7 @@ class AmqpTransport:
         self._spool = await Spool.open(ctx.state_dir / "outbox.sqlite3",
                                        max_messages=self.settings.max_spool_messages,
                                        synchronous=self.settings.spool_sync)
+        await self._reconcile()
         if self._spool.depth:
             log.info("%s: %d messages wait in the outbox", self.name, self._spool.depth)
         ctx.gauge("spool_depth", self._spool.depth)
@@ -304,12 +319,46 @@ class AmqpTransport:
     # ------------------------------------------------------------------ publishing
 
     async def deliver(self, messages: Sequence[Message]) -> None:
+        """Spool ``messages`` durably and hold them until :meth:`commit` (the pipeline calls
+        it once it knows which of them the history stored)."""
         entries = [self._entry(m) for m in messages]
-        await self.spool.append(entries)
+        stored = await self.spool.append(entries, hold=True)
+        for message, entry in zip(messages, stored, strict=True):
+            self._held[id(message)] = entry.seq
         self.ctx.gauge("spool_depth", self.spool.depth)
+        self._fire()
+
+    async def commit(self, kept: Sequence[Message], dropped: Sequence[Message]) -> None:
+        """Publish the held messages that were stored (``kept``) and forget the others."""
+        self._to_drop.extend(s for m in dropped if (s := self._held.get(id(m))) is not None)
+        self._held.clear()  # every held message is resolved by this call
+        await self.spool.commit(self._to_drop)
+        self._to_drop.clear()
         self._spool_grown.set()
         self._spool_grown = trio.Event()
+        self.ctx.gauge("spool_depth", self.spool.depth)
         self._fire()
+
+    async def _reconcile(self) -> None:
+        """Store and release what the outbox still held when the daemon stopped: the
+        history may or may not have it, and storing is idempotent (docs/architecture.md)."""
+        held = await self.spool.held()
+        if not held:
+            return
+        await self.ctx.persist([self._message(e) for e in held])
+        await self.spool.commit()
+        log.info("%s: %d held messages stored in the history and released for publishing",
+                 self.name, len(held))
+
+    def _message(self, e: Entry) -> Message:
+        """The message an outbox entry was made from (for the history: its kind, chat id,
+        id and body)."""
+        chat_id = e.headers.get(CHAT_ID_HEADER)
+        hops = e.headers.get(HOPS_HEADER, 1)
+        return Message(str(e.headers.get(KIND_HEADER, "")),
+                       self.ctx.codec(e.content_type).decode(e.body), self.name, e.message_id,
+                       chat_id if isinstance(chat_id, str) else None,
+                       hops - 1 if isinstance(hops, int) and hops > 0 else 0)
 
     def _entry(self, message: Message) -> Entry:
         s = self.settings
@@ -369,11 +418,58 @@ class AmqpTransport:
     async def _consume(self, consumer: Consumer) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_cancel, consumer)
-            while self._accepting:
-                for delivery in await consumer.receive():
-                    if not self._accepting:
-                        return  # left unacknowledged: the broker redelivers them
-                    await self._handle(consumer, delivery)
+            nursery.start_soon(self._retry_parked, consumer)
+            try:
+                while self._accepting:
+                    for delivery in await consumer.receive():
+                        # while storage is down, new deliveries wait behind the parked ones
+                        # (prefetch then stops the broker): they stay with the broker
+                        await self._unparked.wait()
+                        if not self._accepting:
+                            return  # left unacknowledged: the broker redelivers them
+                        await self._handle(consumer, delivery)
+            finally:
+                self._unpark_all()
+
+    async def _retry_parked(self, consumer: Consumer) -> None:
+        """Submit parked deliveries again, in order, after a pause that doubles while they
+        keep failing (:data:`RETRY_INITIAL_S` to :data:`RETRY_MAX_S`)."""
+        pause = RETRY_INITIAL_S
+        while True:
+            await self._wait_parked()
+            await trio.sleep(pause * random.uniform(0.75, 1.0))
+            parked, self._parked = sorted(self._parked, key=lambda p: p[1].tag), []
+            self._retrying = len(parked)
+            self._retried = trio.Event()
+            for message, d in parked:
+                await self.ctx.submit(message, partial(self._settle_retried, consumer, d,
+                                                       message))
+            await self._retried.wait()
+            if self._parked:
+                pause = min(pause * 2, RETRY_MAX_S)
+            else:
+                pause = RETRY_INITIAL_S
+                self._unparked.set()
+
+    async def _wait_parked(self) -> None:
+        """Return once a delivery is parked."""
+        while self._unparked.is_set():
+            await self._parked_now.wait()
+
+    def _park(self, message: Message, d: Delivery) -> None:
+        self._parked.append((message, d))
+        if self._unparked.is_set():
+            self._unparked = trio.Event()
+            self._parked_now.set()
+            self._parked_now = trio.Event()
+
+    def _unpark_all(self) -> None:
+        """The consumer is gone (connection lost, shutting down): the broker redelivers what
+        was parked; let the copies held behind them go too."""
+        for _, d in self._parked:
+            self._handled(d.message_id, False)
+        self._parked.clear()
+        self._unparked.set()
 
     async def _watch_cancel(self, consumer: Consumer) -> None:
         await consumer.cancelled.wait()
@@ -400,7 +496,7 @@ class AmqpTransport:
             return
         if mid:
             self._inflight[mid] = []
-        await self.ctx.submit(message, partial(self._settle, consumer, d))
+        await self.ctx.submit(message, partial(self._settle, consumer, d, message))
 
     def _duplicate(self) -> None:
         self.ctx.count("duplicates_total")
@@ -424,8 +520,16 @@ class AmqpTransport:
         return Message(self.settings.consume_kind, body, self.name, d.message_id,
                        chat_id if isinstance(chat_id, str) else None, hops, meta)
 
-    def _settle(self, consumer: Consumer, d: Delivery, outcome: Outcome) -> None:
-        """The pipeline is done with delivery ``d``: ack it, or dead-letter then ack it."""
+    def _settle(self, consumer: Consumer, d: Delivery, message: Message,
+                outcome: Outcome) -> None:
+        """The pipeline is done with delivery ``d``: ack it, dead-letter then ack it, or
+        park it to submit it again later (a transient failure: storage is down)."""
+        if isinstance(outcome, Failed) and outcome.retry:
+            if consumer.stopped or not self._accepting:  # shutting down: the broker keeps it
+                self._handled(d.message_id, False)
+            else:
+                self._park(message, d)
+            return
         if isinstance(outcome, Accepted):
             consumer.ack(d.tag)
             self._handled(d.message_id, True)
@@ -434,6 +538,13 @@ class AmqpTransport:
             self._dead_letter(consumer, d, type(outcome.error).__name__, outcome.reason)
         else:
             self._dead_letter(consumer, d, "Failed", outcome.reason)
+
+    def _settle_retried(self, consumer: Consumer, d: Delivery, message: Message,
+                        outcome: Outcome) -> None:
+        self._settle(consumer, d, message, outcome)
+        self._retrying -= 1
+        if not self._retrying:
+            self._retried.set()
 
     def _dead_letter(self, consumer: Consumer, d: Delivery, reason: str, error: str) -> None:
         s = self.settings

@@ -5,6 +5,13 @@ one :class:`bridge.WorkerThread`, so the trio loop never waits on the disk.
 
 * ``append`` returns once the rows are committed. With ``synchronous=FULL`` the commit is
   fsynced, so a message survives a SIGKILL of the daemon and a power loss.
+* ``append(..., hold=True)`` stores rows that are not to be published yet: the pipeline has
+  not stored their events in the history yet. :meth:`Spool.commit` then publishes the held
+  rows the history has and deletes the others. Held rows are always the newest ones: the
+  spool remembers the greatest released seq (table ``released``), and every row after it
+  is held. Rows still held when the daemon stopped are reconciled at the next start
+  (:meth:`Spool.held`, then :meth:`Spool.commit`), so the history and the outbox agree
+  after any crash (docs/architecture.md).
 * The publisher reads the rows in order, publishes them and removes them once the broker
   has confirmed them.
 * The newest entries are also kept in memory (at most :data:`TAIL_ENTRIES` of them and
@@ -13,7 +20,11 @@ one :class:`bridge.WorkerThread`, so the trio loop never waits on the disk.
 * A removal commits without an fsync, whatever ``synchronous`` says. It becomes durable
   with the next fsynced append, or the next checkpoint. A removal lost to a power cut
   only means that a confirmed message is published again, which at-least-once delivery
-  allows.
+  allows. So does a release (a commit of held rows) lost to a power cut: the rows are
+  held again at the next start, and reconciled.
+* The WAL is checkpointed every :data:`WAL_PAGES` pages and truncated to
+  :data:`WAL_LIMIT_BYTES` after each checkpoint, so a small state directory does not fill
+  up with the spool's own log (docs/operations.md gives the space the daemon needs).
 """
 
 from __future__ import annotations
@@ -28,14 +39,26 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from bridge import DeliveryError, WorkerThread
+from bridge import DeliveryError, StorageUnavailable, WorkerThread
 
 #: The in-memory tail: this many of the newest entries at most...
 TAIL_ENTRIES = 4096
 #: ... and this many body bytes at most.
 TAIL_BYTES = 16 * 2**20
 
+#: Checkpoint the WAL after this many pages (SQLite's default is 1000, about 4 MB) ...
+WAL_PAGES = 128
+#: ... and truncate it to this size at each checkpoint (SQLite's default: never).
+WAL_LIMIT_BYTES = 512 * 1024
+
+_PRAGMAS = (f"PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint={WAL_PAGES};"
+            f" PRAGMA journal_size_limit={WAL_LIMIT_BYTES};")
+
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS released (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    through INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     exchange TEXT NOT NULL,
@@ -61,50 +84,63 @@ class Entry:
     seq: int = 0
 
 
-class SpoolFull(DeliveryError):
-    """The spool holds its maximum number of messages."""
+class SpoolFull(DeliveryError, StorageUnavailable):
+    """The spool holds its maximum number of messages (the broker has been away long)."""
+
+
+class SpoolUnavailable(DeliveryError, StorageUnavailable):
+    """The spool's file refuses writes (a full disk)."""
 
 
 class Spool:
     """Open with :meth:`open`, close with :meth:`close`. :attr:`depth` is the row count."""
 
     def __init__(self, worker: WorkerThread, db: sqlite3.Connection, depth: int, last_seq: int,
-                 max_messages: int, synchronous: str) -> None:
+                 released: int, max_messages: int, synchronous: str) -> None:
         self._worker = worker
         self._db = db
         self._sync = synchronous.upper()
         self.depth = depth
         self.max_messages = max_messages
         self._last_seq = last_seq  # the greatest seq ever stored (worker thread only)
+        self._through = released  # the released seq in the file (worker thread only)
+        #: rows up to this seq may be published; the ones after it are held
+        self.released = released
         self._tail: deque[Entry] = deque()  # the newest entries, seqs without a gap
         self._tail_bytes = 0
 
     @classmethod
     async def open(cls, path: Path, *, max_messages: int,
                    synchronous: Literal["full", "normal"] = "full") -> Spool:
-        def run() -> tuple[sqlite3.Connection, int, int]:
+        def run() -> tuple[sqlite3.Connection, int, int, int]:
             db = sqlite3.connect(path, isolation_level=None)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_PRAGMAS)
                 db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                db.execute(_SCHEMA)
+                new = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'released'"
+                                 ).fetchone() == (0,)
+                db.executescript(_SCHEMA)
                 (depth,) = db.execute("SELECT count(*) FROM outbox").fetchone()
                 row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
                                  ).fetchone()  # AUTOINCREMENT: seqs are never reused
+                last_seq = int(row[0]) if row else 0
+                if new:  # an outbox of a version that held nothing: every row is released
+                    db.execute("INSERT INTO released (one, through) VALUES (1, ?)", (last_seq,))
+                (released,) = db.execute("SELECT through FROM released").fetchone()
             except BaseException:
                 db.close()
                 raise
-            return db, int(depth), int(row[0]) if row else 0
+            return db, int(depth), last_seq, int(released)
 
         worker = WorkerThread(f"bridged-outbox-{path.parent.name}")
         opened = False
         try:
-            db, depth, last_seq = await worker.run(run)
+            db, depth, last_seq, released = await worker.run(run)
             opened = True
         finally:
             if not opened:  # failed or cancelled: the thread goes too
                 await worker.aclose()
-        return cls(worker, db, depth, last_seq, max_messages, synchronous)
+        return cls(worker, db, depth, last_seq, released, max_messages, synchronous)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -118,31 +154,87 @@ class Spool:
             if self._db.in_transaction:
                 self._db.rollback()
 
-    async def append(self, entries: Sequence[Entry]) -> None:
-        """Store ``entries`` in order, in one transaction. Raises :class:`SpoolFull`."""
+    async def append(self, entries: Sequence[Entry], *, hold: bool = False) -> list[Entry]:
+        """Store ``entries`` in order, in one transaction; the stored entries (with their
+        seqs). With ``hold``, they are not published before :meth:`commit` releases them.
+        Raises :class:`SpoolFull`, or :class:`SpoolUnavailable` when the file refuses the
+        write (a full disk)."""
         if self.depth + len(entries) > self.max_messages:
             raise SpoolFull(f"the outbox holds {self.depth} messages (max_spool_messages"
                             f" {self.max_messages}); is the broker down?")
         headers = [json.dumps(dict(e.headers), separators=(",", ":")) for e in entries]
 
-        def run() -> list[Entry]:  # seqs are handed out here, one call after the other
+        def run() -> tuple[list[Entry], int]:  # seqs are handed out here, one after another
             first = self._last_seq + 1
             stored = [Entry(e.exchange, e.routing_key, e.content_type, e.message_id,
                             e.headers, e.body, seq) for seq, e in enumerate(entries, first)]
-            with self._transaction():
-                self._db.executemany(
-                    "INSERT INTO outbox (seq, exchange, routing_key, content_type, message_id,"
-                    " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id, h, e.body)
-                     for e, h in zip(stored, headers, strict=True)])
+            try:
+                with self._transaction():
+                    self._db.executemany(
+                        "INSERT INTO outbox (seq, exchange, routing_key, content_type,"
+                        " message_id, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id, h,
+                          e.body) for e, h in zip(stored, headers, strict=True)])
+                    release = not hold and self._through == first - 1  # nothing held
+                    if release:
+                        self._db.execute("UPDATE released SET through = ?", (stored[-1].seq,))
+            except sqlite3.OperationalError as e:  # a full disk, an I/O error
+                self._checkpoint_after_failure()
+                raise SpoolUnavailable(f"the outbox cannot store messages: {e}") from e
             self._last_seq = stored[-1].seq
-            return stored
+            if release:
+                self._through = stored[-1].seq
+            return stored, self._through
 
         if not entries:
-            return
-        stored: list[Entry] = await self._worker.run(run)
+            return []
+        stored, through = await self._worker.run(run)
         self.depth += len(stored)
+        self.released = max(self.released, through)
         self._remember(stored)
+        return stored
+
+    def _checkpoint_after_failure(self) -> None:  # worker thread
+        """After a failed write, give the WAL's space back if the disk lets us (the
+        checkpoint copies it into the database file, then truncates it)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def held(self) -> list[Entry]:
+        """The held entries (appended with ``hold`` and not committed yet), oldest first."""
+        result: list[Entry] = []
+        after = self.released
+        while True:
+            batch = await self._read_file(after, 1024)
+            if not batch:
+                return result
+            result.extend(batch)
+            after = batch[-1].seq
+
+    async def commit(self, dropped: Iterable[int] = ()) -> None:
+        """Resolve every held entry: delete the ``dropped`` seqs (their events were not
+        stored) and release the rest for publishing. The release commits without an fsync:
+        lost to a power cut, the rows are held again at the next start and reconciled."""
+        gone = sorted(dropped)
+
+        def run() -> tuple[int, int]:
+            through = self._last_seq
+            if through == self._through:
+                return 0, through
+            try:
+                removed = self._delete(
+                    _ranges([s for s in gone if self._through < s <= through]), through)
+            except sqlite3.OperationalError as e:
+                self._checkpoint_after_failure()
+                raise SpoolUnavailable(f"the outbox cannot release messages: {e}") from e
+            self._through = through
+            return removed, through
+
+        removed, through = await self._worker.run(run)
+        self.depth -= removed
+        self.released = max(self.released, through)
+        if removed:
+            self._forget()  # a hole in the tail: read the file
 
     def _remember(self, stored: list[Entry]) -> None:
         """Keep the newest entries in memory, within the tail's bounds."""
@@ -158,12 +250,17 @@ class Spool:
         self._tail_bytes = 0
 
     async def read(self, after: int, limit: int) -> list[Entry]:
-        """Up to ``limit`` entries with ``seq > after``, oldest first."""
+        """Up to ``limit`` released entries with ``seq > after``, oldest first."""
+        limit = min(limit, max(self.released - after, 0))
+        if limit == 0:
+            return []
         tail = self._tail
         if tail and tail[0].seq <= after + 1:  # every entry after `after` is in memory
             skip = max(after + 1 - tail[0].seq, 0)
-            return list(islice(tail, skip, skip + limit))
+            return [e for e in islice(tail, skip, skip + limit) if e.seq <= self.released]
+        return [e for e in await self._read_file(after, limit) if e.seq <= self.released]
 
+    async def _read_file(self, after: int, limit: int) -> list[Entry]:
         def run() -> list[Entry]:
             cur = self._db.execute(
                 "SELECT seq, exchange, routing_key, content_type, message_id, headers, body"
@@ -180,19 +277,7 @@ class Spool:
         if not ranges:
             return
 
-        def run() -> int:
-            removed = 0
-            self._db.execute("PRAGMA synchronous=NORMAL")  # no fsync for this commit
-            try:
-                with self._transaction():
-                    for lo, hi in ranges:
-                        removed += self._db.execute(
-                            "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
-            finally:
-                self._db.execute(f"PRAGMA synchronous={self._sync}")
-            return removed
-
-        removed: int = await self._worker.run(run)
+        removed: int = await self._worker.run(self._delete, ranges)
         self.depth -= removed
         tail = self._tail
         for lo, hi in ranges:  # confirmed entries: nobody reads them again
@@ -200,6 +285,22 @@ class Spool:
                 self._tail_bytes -= len(tail.popleft().body)
         if tail and any(lo <= tail[-1].seq and hi >= tail[0].seq for lo, hi in ranges):
             self._forget()  # a hole in the tail (removed out of order): read the file
+
+    def _delete(self, ranges: Sequence[tuple[int, int]], release: int | None = None) -> int:
+        """Delete the seqs in ``ranges`` (and mark rows up to ``release`` released) in one
+        transaction without an fsync; how many rows went (worker thread)."""
+        removed = 0
+        self._db.execute("PRAGMA synchronous=NORMAL")  # no fsync for this commit
+        try:
+            with self._transaction():
+                for lo, hi in ranges:
+                    removed += self._db.execute(
+                        "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
+                if release is not None:
+                    self._db.execute("UPDATE released SET through = ?", (release,))
+        finally:
+            self._db.execute(f"PRAGMA synchronous={self._sync}")
+        return removed
 
     async def close(self) -> None:
         try:

@@ -24,6 +24,7 @@ Replay rule (``bridge_replay_messages(chat_id, since)``), see docs/history.md:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -44,6 +45,7 @@ from bridge import (
     Message,
     PluginContext,
     ReplayGap,
+    StorageUnavailable,
     WorkerThread,
     hookimpl,
     setting,
@@ -95,6 +97,11 @@ class HistorySettings:
 #: for every statement step and must win it back from the trio and asyncio threads after
 #: each one; on a busy daemon each such wait took about 1 ms at the median.
 INSERT_ROWS = 256
+#: Checkpoint the WAL after this many pages (SQLite's default is 1000, about 4 MB), and
+#: truncate it to WAL_LIMIT_BYTES at each checkpoint (SQLite's default: never), so that a
+#: small state directory does not fill up with the WAL (docs/operations.md, disk space).
+WAL_PAGES = 128
+WAL_LIMIT_BYTES = 512 * 1024
 
 
 @functools.cache
@@ -119,7 +126,8 @@ class HistoryStore:
     def __init__(self, path: Path, synchronous: str) -> None:
         self.path = path
         self.conn = sqlite3.connect(path, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.executescript(f"PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint={WAL_PAGES};"
+                                f" PRAGMA journal_size_limit={WAL_LIMIT_BYTES};")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.conn.executescript(_SCHEMA)
         #: events per chat as committed, for the chats written to lately (LRU order)
@@ -168,6 +176,20 @@ class HistoryStore:
             self._counts.move_to_end(chat_id)
         while len(self._counts) > COUNTED_CHATS:
             self._counts.popitem(last=False)
+
+    def store_or_refuse(self, rows: Sequence[tuple[str, str, str]], now: float,
+                        keep: int) -> None:
+        """:meth:`store`, with a write the disk refuses (full, I/O error, locked) raised as
+        :class:`bridge.StorageUnavailable`: the pipeline then holds the messages with their
+        sources and tries again, instead of failing them for good. After such a failure the
+        WAL is checkpointed and truncated where the disk lets us, so the space it held comes
+        back as soon as there is room for the checkpoint."""
+        try:
+            self.store(rows, now, keep)
+        except sqlite3.OperationalError as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            raise StorageUnavailable(f"history: cannot store events: {e}") from e
 
     @staticmethod
     def _count(cur: sqlite3.Cursor, chat_id: str) -> int:
@@ -321,7 +343,7 @@ class Plugin:
         rows = [_event_row(m) for m in messages if m.kind == CHAT_EVENT]
         if rows:
             now, keep = self.clock(), self.settings.retention_count
-            await self._run(lambda store: store.store(rows, now, keep))
+            await self._run(lambda store: store.store_or_refuse(rows, now, keep))
 
     @hookimpl
     async def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:

@@ -137,8 +137,8 @@ class _Socket:
         if isinstance(outcome, Rejected):
             code = INVALID_DATA if isinstance(outcome.error, DecodeError) else POLICY
             self.close(code, reason_for(outcome.error))
-        elif isinstance(outcome, Failed):
-            self.close(INTERNAL, outcome.reason)
+        elif isinstance(outcome, Failed):  # retry: storage is down for now (a full disk)
+            self.close(TRY_AGAIN if outcome.retry else INTERNAL, outcome.reason)
 
 
 class WebSocketTransport:

@@ -9,7 +9,10 @@ distribution on ``sys.path``, and it uses only the public API. It offers:
   all of them are submitted (so READY=1 means "they are in flight");
 * transport ``slowsink``: takes ``delay_s`` per delivered message and writes how many it
   has taken to ``count_file``;
-* transport ``toggle``: a memory-like transport whose ``health()`` a test flips.
+* transport ``toggle``: a memory-like transport whose ``health()`` a test flips;
+* ``stall_persist_file``: while that file exists, its ``bridge_persist_messages`` (which
+  runs after every other store's) writes ``<file>.stalled`` and never returns, so a test can
+  SIGKILL the daemon between the history's commit and what comes after it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bridge import (
 class OpsSettings:
     greeting: str = setting("hello", doc="a setting that reloads live")
     token: Secret | None = setting(None, doc="a secret")
+    stall_persist_file: Path | None = setting(None, doc="persisting stalls while it exists")
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,13 @@ class Plugin:
         self.reconfigured.append((previous, context.settings))
         self.settings = context.settings
         return True
+
+    @hookimpl(trylast=True)
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        stall = self.settings.stall_persist_file if self.settings else None
+        if stall is not None and await trio.Path(stall).exists():
+            await trio.Path(f"{stall}.stalled").write_text(str(len(messages)))
+            await trio.sleep_forever()
 
     @hookimpl
     def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:

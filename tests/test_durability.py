@@ -1,0 +1,191 @@
+"""What must be durable before the sender's echo, and the history and the outbox agreeing
+after any crash (docs/architecture.md, "Durability"): route order does not matter, a
+failed store publishes nothing, and a SIGKILL between the history's commit and the
+outbox's release leaves the event in both."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import trio
+import trio.testing
+from amqp_support import Names, amqp_table, bodies, broker_url, open_broker
+from e2e_support import NAMES, chat, example_config, fresh_vhost, running
+from ops_support import install_opsplug
+from trio_websocket import ConnectionClosed
+
+from bridge import CHAT_EVENT, Accepted, Failed, Message, Outcome, hookimpl
+from bridge.testing import run_bridge, write_config
+from bridge_plugins.amqp import AmqpTransport
+from bridge_plugins.amqp_spool import Entry, Spool
+from bridge_plugins.memory import MemoryTransport
+
+# The fan-out route is listed first: the order that once let the echo out before the outbox.
+ROUTES = """
+[[routes]]
+name = "fanout"
+from = "chat"
+to = ["sink"]
+[[routes]]
+name = "archive"
+from = "chat"
+to = ["amqp"]
+"""
+
+
+def config(tmp_path: Path, names: Names) -> Path:
+    text = ('[admin]\nenabled = false\n'
+            + amqp_table("amqp", names, broker_url(), consume_queue="")
+            + '[transports.chat]\ntype = "memory"\n[transports.sink]\ntype = "memory"\n'
+            + ROUTES)
+    return write_config(tmp_path, text)
+
+
+class FailingStore:
+    """A store that refuses one text (as a broken disk would, for that message only)."""
+
+    @hookimpl
+    def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        if any(m.body["message"][0]["text"] == "refused" for m in messages):
+            raise RuntimeError("this store refuses that one")
+
+
+async def inject(chat: MemoryTransport, text: str) -> Outcome | None:
+    """Submit ``text`` on chat ``c`` as the chat transport would; its outcome."""
+    return await chat.inject({"type": "update", "message": [{"type": "message", "text": text}]},
+                             kind=CHAT_EVENT, chat_id="c")
+
+
+def texts(messages: Sequence[Message]) -> list[str]:
+    return [m.body["message"][0]["text"] for m in messages]
+
+
+async def test_the_echo_waits_for_the_outbox_whatever_the_route_order(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names)) as daemon:
+            amqp = cast(AmqpTransport, daemon.transports["amqp"])
+            chat = cast(MemoryTransport, daemon.transports["chat"])
+            sink = cast(MemoryTransport, daemon.transports["sink"])
+            spool = amqp.spool
+            real_append = spool.append
+            let_go = trio.Event()
+            appending = trio.Event()
+
+            async def slow_append(entries: Sequence[Entry], *, hold: bool = False
+                                  ) -> list[Entry]:
+                appending.set()
+                await let_go.wait()  # the outbox's disk is slow
+                return await real_append(entries, hold=hold)
+
+            spool.append = slow_append  # type: ignore[method-assign]
+            outcomes: list[Outcome | None] = []
+
+            async def send() -> None:
+                outcomes.append(await inject(chat, "durable first"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await appending.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                # The outbox has not stored it: the fan-out (the sender's echo) must not
+                # have it yet.
+                assert sink.received.statistics().current_buffer_used == 0
+                assert outcomes == []
+                let_go.set()
+                with trio.fail_after(10):
+                    echoed = await sink.received.receive()
+            assert isinstance(outcomes[0], Accepted)
+            (published,) = await broker.read(names.archive, 1)
+            assert published.message_id == echoed.id
+
+
+async def test_a_store_that_fails_publishes_nothing_of_that_message(tmp_path: Path) -> None:
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.bind_archive(names)
+        async with run_bridge(config(tmp_path, names), extra_plugins=[FailingStore()]
+                              ) as daemon:
+            chat = cast(MemoryTransport, daemon.transports["chat"])
+            sink = cast(MemoryTransport, daemon.transports["sink"])
+            amqp = cast(AmqpTransport, daemon.transports["amqp"])
+            outcomes = [await inject(chat, text) for text in ("kept", "refused", "also kept")]
+            assert [type(o) for o in outcomes] == [Accepted, Failed, Accepted]
+            echoed = [await sink.received.receive() for _ in range(2)]
+            assert texts(echoed) == ["kept", "also kept"]
+            got = await broker.read(names.archive, 2)
+            with trio.fail_after(10):  # the refused event was spooled (held), then dropped
+                while amqp.spool.depth:
+                    await amqp.wait_changed()
+            assert await amqp.spool.held() == []
+            assert await broker.ready(names.archive) == 0  # nothing more was published
+    assert [b["message"][0]["text"] for b in bodies(got)] == ["kept", "also kept"]
+
+
+async def test_held_rows_wait_for_commit_and_come_back_held_after_a_crash(
+        tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    spool = await Spool.open(path, max_messages=100)
+    plain = Entry("chat", "chat.c", "application/json", "a", {}, b"{}")
+    await spool.append([plain])
+    held = await spool.append([plain, plain, plain], hold=True)
+    assert [e.seq for e in await spool.read(0, 10)] == [1]  # the held ones are not readable
+    await spool.close()  # as a crash would leave it: never committed
+
+    spool = await Spool.open(path, max_messages=100)
+    assert [e.seq for e in await spool.held()] == [e.seq for e in held]
+    assert [e.seq for e in await spool.read(0, 10)] == [1]
+    await spool.commit(dropped=[held[1].seq])
+    assert [e.seq for e in await spool.read(0, 10)] == [1, held[0].seq, held[2].seq]
+    assert await spool.held() == []
+    assert spool.depth == 3
+    await spool.close()
+
+
+async def test_sigkill_between_the_history_and_the_outbox_leaves_the_event_in_both(
+        tmp_path: Path) -> None:
+    """The real daemon with the example config is SIGKILLed after the history committed an
+    event and before the rest of the persist step returned (a store that stalls, after the
+    history's). After a restart, the event is in the history (a resume replays it) and on
+    the exchange: the two agree."""
+    stall = tmp_path / "stall"
+    site = install_opsplug(tmp_path / "site")
+    extra = (f'\n[plugins]\nenable = ["opsplug"]\n[plugins.opsplug]\n'
+             f'stall_persist_file = "{stall.as_posix()}"\n')
+    async with fresh_vhost() as vhost, open_broker(vhost.url()) as broker:
+        await broker.bind_archive(NAMES)
+        config = example_config(tmp_path, vhost.url(), extra=extra)
+        async with running(config, pythonpath=site) as daemon, \
+                chat(daemon.ws_port, "alice") as alice:
+            first = await alice.say("before")
+            stall.write_text("")
+            await alice.send("in the window")
+            # The daemon writes this file once it is stalled: poll it, as e2e_support polls
+            # /readyz (another process's file has no event to wait on).
+            with trio.fail_after(10):
+                while not stall.with_suffix(".stalled").exists():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            daemon.bridged.process.kill()  # SIGKILL: the echo never left
+            assert await daemon.bridged.wait() == -signal.SIGKILL
+            try:
+                frame = await alice.next()
+            except ConnectionClosed:
+                frame = None
+            assert frame is None, "the echo left before everything was durable"
+        stall.unlink()
+
+        async with running(config, pythonpath=site, log_name="bridged-2.stderr") as daemon, \
+                chat(daemon.ws_port, "alice", f"since={first['eventId']}") as alice:
+            replayed = await alice.next()
+            assert replayed["message"][0]["text"] == "in the window"  # in the history
+            got = await broker.read(NAMES.archive, 2)
+            assert [json.loads(d.body)["message"][0]["text"] for d in got] == [
+                "before", "in the window"]  # and on the exchange, once
+            assert got[1].message_id == replayed["eventId"]
+            assert await broker.ready(NAMES.archive) == 0
+            assert await daemon.stop() == 0
