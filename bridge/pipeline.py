@@ -84,6 +84,7 @@ class Pipeline:
         #: why the last write to storage failed; None while storage takes writes
         self.storage_error: str | None = None
         self._storage_log = RateLimited(interval_s=10.0)
+        self._stored = self._refused = False  # in the batch being finished
 
     @property
     def pending(self) -> int:
@@ -165,19 +166,29 @@ class Pipeline:
 
     async def _finish(self, batch: list[Work]) -> None:
         """Durable destinations (outboxes) take the batch first and hold it, then it is
-        persisted, then the outboxes learn what was stored, and only then do the other
-        destinations (the chat's sockets: the sender's echo) get it. So an echo never leaves
-        before every durable copy of its event exists, whatever the routes' order, and an
-        event is either in the history and every outbox or in none (docs/architecture.md)."""
+        persisted, then the other destinations (the chat's sockets: the sender's echo) get
+        it, and last the outboxes learn which of what they hold was stored. So an echo never
+        leaves before every durable copy of its event exists, whatever the routes' order,
+        and an event is either in the history and every outbox or in none
+        (docs/architecture.md). The release comes after the echo: the held copies are
+        durable already, it only lets the publisher send them."""
         ready = [w for w in batch if w.outcome is None]
+        self._stored = self._refused = False
+        try:
+            await self._finish_ready(ready)
+        finally:
+            if self._stored and not self._refused:
+                self._storage_recovered()
+
+    async def _finish_ready(self, ready: list[Work]) -> None:
         durable = {name for name, t in self._destinations.items() if _is_durable(t)}
         if durable:
             await self._deliver(ready, lambda dest: dest in durable)
         await self._persist([w for w in ready if w.outcome is None])
-        if durable:
-            await self._commit(ready, durable)
         await self._deliver([w for w in ready if w.outcome is None],
                             lambda dest: dest not in durable)
+        if durable:  # after the echo: what is held is durable already, this only releases
+            await self._commit(ready, durable)
 
     async def _prepare(self, work: Work, router: Router) -> None:
         msg = work.inbound
@@ -238,6 +249,7 @@ class Pipeline:
 
     def _storage_failed(self, error: StorageUnavailable) -> None:
         """Storage refuses writes: not ready, and one log line per kind of failure."""
+        self._refused = True
         if self.storage_error is None:
             self._metrics.gauge("storage_ready", 0)
         self.storage_error = str(error) or type(error).__name__
@@ -245,6 +257,11 @@ class Pipeline:
                                   self.storage_error)
 
     def _storage_ok(self) -> None:
+        """A write to storage succeeded (counted at the end of the batch)."""
+        self._stored = True
+
+    def _storage_recovered(self) -> None:
+        """A batch wrote to storage and nothing refused: storage takes writes again."""
         if self.storage_error is not None:
             log.warning("storage available again (was: %s)", self.storage_error)
             self.storage_error = None
@@ -263,10 +280,12 @@ class Pipeline:
                 continue
             try:
                 await self._destinations[dest].commit(kept, dropped)  # type: ignore[attr-defined]
-            except StorageUnavailable as e:  # it holds them: its next commit sends them
+            except StorageUnavailable as e:  # it holds them and releases them later
                 self._storage_failed(e)
             except Exception:  # it holds them: they are sent after its next start
                 log.exception("commit to %s failed for %d messages", dest, len(kept))
+            else:
+                self._storage_ok()
 
     async def _deliver(self, ready: list[Work], wanted: Callable[[str], bool]) -> None:
         per_dest: dict[str, list[tuple[Work, Leg]]] = {}
@@ -292,6 +311,8 @@ class Pipeline:
                         continue
                     self._metrics.count("messages_out_total", transport=dest, route=leg.route)
                 continue
+            if _is_durable(transport):
+                self._storage_ok()
             for _, leg in items:
                 self._metrics.count("messages_out_total", transport=dest, route=leg.route)
 

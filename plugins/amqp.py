@@ -35,6 +35,7 @@ from bridge import (
     Outcome,
     Rejected,
     Secret,
+    StorageUnavailable,
     TransportContext,
     TransportType,
     hookimpl,
@@ -159,12 +160,14 @@ class AmqpTransport:
         self._spool_grown = trio.Event()
         self._first_attempt = trio.Event()
         self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
-        self._held: dict[int, int] = {}  # id(message) -> outbox seq, until commit
+        #: id(message) -> its outbox seqs (one per leg to this transport), until commit
+        self._held: dict[int, list[int]] = {}
         self._to_drop: list[int] = []  # outbox seqs to delete at the next commit
-        #: deliveries that failed for a transient reason (storage down), to submit again
+        self._appending = 0  # deliver() calls in progress
+        self._commit_failed = trio.Event()  # set when a commit failed: retried later
+        #: deliveries of the current consumer that failed for a transient reason (storage
+        #: down), to submit again
         self._parked: list[tuple[Message, Delivery]] = []
-        self._retrying = 0  # parked deliveries submitted again and not settled yet
-        self._retried = trio.Event()
         self._unparked = trio.Event()  # set while nothing is parked
         self._unparked.set()
         self._parked_now = trio.Event()  # fired when the first delivery is parked
@@ -201,6 +204,7 @@ class AmqpTransport:
             async with open_island(self.name, close_timeout=self.settings.close_timeout_s
                                    ) as island, trio.open_nursery() as nursery:
                 nursery.start_soon(self._connect_forever, island)
+                nursery.start_soon(self._recommit)
                 # Start serving once the first connection attempt is over, either way (the
                 # outbox takes deliveries while the broker is away), and within a bound.
                 with trio.move_on_after(self.settings.connect_timeout_s + 2):
@@ -214,6 +218,7 @@ class AmqpTransport:
         self._accepting = False
         if self._consumer is not None:
             self._consumer.cancel()
+        self._unpark_all()  # parked deliveries stay with the broker
         self._fire()
 
     async def drain(self) -> None:
@@ -322,22 +327,54 @@ class AmqpTransport:
         """Spool ``messages`` durably and hold them until :meth:`commit` (the pipeline calls
         it once it knows which of them the history stored)."""
         entries = [self._entry(m) for m in messages]
-        stored = await self.spool.append(entries, hold=True)
+        self._appending += 1
+        try:
+            stored = await self.spool.append(entries, hold=True)
+        finally:
+            self._appending -= 1
         for message, entry in zip(messages, stored, strict=True):
-            self._held[id(message)] = entry.seq
+            self._held.setdefault(id(message), []).append(entry.seq)
         self.ctx.gauge("spool_depth", self.spool.depth)
         self._fire()
 
     async def commit(self, kept: Sequence[Message], dropped: Sequence[Message]) -> None:
-        """Publish the held messages that were stored (``kept``) and forget the others."""
-        self._to_drop.extend(s for m in dropped if (s := self._held.get(id(m))) is not None)
+        """Publish the held messages that were stored (``kept``) and forget the others.
+        If the release fails (a full disk), it is tried again later (:meth:`_recommit`)."""
+        for m in dropped:
+            self._to_drop.extend(self._held.get(id(m), ()))
         self._held.clear()  # every held message is resolved by this call
-        await self.spool.commit(self._to_drop)
+        await self._release()
+
+    async def _release(self) -> None:
+        try:
+            await self.spool.commit(self._to_drop)
+        except Exception:
+            self._commit_failed.set()
+            raise
         self._to_drop.clear()
         self._spool_grown.set()
         self._spool_grown = trio.Event()
         self.ctx.gauge("spool_depth", self.spool.depth)
         self._fire()
+
+    async def _recommit(self) -> None:
+        """Release what a failed commit left held, once no batch is between its deliver and
+        its commit (the spool's worker runs calls in order, so a release submitted now never
+        covers rows appended after it)."""
+        pause = RETRY_INITIAL_S
+        while True:
+            await self._commit_failed.wait()
+            await trio.sleep(pause)
+            if self._held or self._appending:  # a batch is in flight: its commit releases
+                continue
+            self._commit_failed = trio.Event()
+            try:
+                await self._release()
+            except Exception as e:
+                pause = min(pause * 2, RETRY_MAX_S)
+                log.warning("%s: releasing held messages failed again: %s", self.name, e)
+            else:
+                pause = RETRY_INITIAL_S
 
     async def _reconcile(self) -> None:
         """Store and release what the outbox still held when the daemon stopped: the
@@ -345,10 +382,24 @@ class AmqpTransport:
         held = await self.spool.held()
         if not held:
             return
-        await self.ctx.persist([self._message(e) for e in held])
-        await self.spool.commit()
+        dropped: list[int] = []
+        try:
+            await self.ctx.persist([self._message(e) for e in held])
+        except StorageUnavailable:
+            raise  # a full disk at start: exit 3, as for a database that cannot open
+        except Exception:  # find the rows that cannot be stored; they are not published
+            for e in held:
+                try:
+                    await self.ctx.persist([self._message(e)])
+                except StorageUnavailable:
+                    raise
+                except Exception:
+                    log.exception("%s: held message %s cannot be stored; it is dropped, not"
+                                  " published", self.name, e.message_id or "-")
+                    dropped.append(e.seq)
+        await self.spool.commit(dropped)
         log.info("%s: %d held messages stored in the history and released for publishing",
-                 self.name, len(held))
+                 self.name, len(held) - len(dropped))
 
     def _message(self, e: Entry) -> Message:
         """The message an outbox entry was made from (for the history: its kind, chat id,
@@ -432,19 +483,20 @@ class AmqpTransport:
                 self._unpark_all()
 
     async def _retry_parked(self, consumer: Consumer) -> None:
-        """Submit parked deliveries again, in order, after a pause that doubles while they
-        keep failing (:data:`RETRY_INITIAL_S` to :data:`RETRY_MAX_S`)."""
+        """Submit this consumer's parked deliveries again, in order, after a pause that
+        doubles while they keep failing (:data:`RETRY_INITIAL_S` to :data:`RETRY_MAX_S`)."""
         pause = RETRY_INITIAL_S
-        while True:
+        while self._accepting:
             await self._wait_parked()
             await trio.sleep(pause * random.uniform(0.75, 1.0))
+            if not self._accepting or consumer is not self._consumer:
+                return
             parked, self._parked = sorted(self._parked, key=lambda p: p[1].tag), []
-            self._retrying = len(parked)
-            self._retried = trio.Event()
+            round_ = _Round(len(parked))
             for message, d in parked:
-                await self.ctx.submit(message, partial(self._settle_retried, consumer, d,
-                                                       message))
-            await self._retried.wait()
+                await self.ctx.submit(message, partial(self._settle_retried, round_,
+                                                       consumer, d, message))
+            await round_.done.wait()
             if self._parked:
                 pause = min(pause * 2, RETRY_MAX_S)
             else:
@@ -525,9 +577,9 @@ class AmqpTransport:
         """The pipeline is done with delivery ``d``: ack it, dead-letter then ack it, or
         park it to submit it again later (a transient failure: storage is down)."""
         if isinstance(outcome, Failed) and outcome.retry:
-            if consumer.stopped or not self._accepting:  # shutting down: the broker keeps it
-                self._handled(d.message_id, False)
-            else:
+            if consumer.stopped or not self._accepting or consumer is not self._consumer:
+                self._handled(d.message_id, False)  # shutting down or reconnected: the
+            else:                                   # broker keeps it and redelivers it
                 self._park(message, d)
             return
         if isinstance(outcome, Accepted):
@@ -539,12 +591,10 @@ class AmqpTransport:
         else:
             self._dead_letter(consumer, d, "Failed", outcome.reason)
 
-    def _settle_retried(self, consumer: Consumer, d: Delivery, message: Message,
-                        outcome: Outcome) -> None:
+    def _settle_retried(self, round_: _Round, consumer: Consumer, d: Delivery,
+                        message: Message, outcome: Outcome) -> None:
         self._settle(consumer, d, message, outcome)
-        self._retrying -= 1
-        if not self._retrying:
-            self._retried.set()
+        round_.settled()
 
     def _dead_letter(self, consumer: Consumer, d: Delivery, reason: str, error: str) -> None:
         s = self.settings
@@ -583,6 +633,21 @@ class AmqpTransport:
             del self._seen[next(iter(self._seen))]
         for consumer, tag in waiting:
             consumer.ack(tag)
+
+
+class _Round:
+    """One round of parked deliveries submitted again: done once each is settled."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.done = trio.Event()
+        if n == 0:
+            self.done.set()
+
+    def settled(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
 
 
 def _path(p: Path | None) -> str | None:

@@ -12,7 +12,8 @@ distribution on ``sys.path``, and it uses only the public API. It offers:
 * transport ``toggle``: a memory-like transport whose ``health()`` a test flips;
 * ``stall_persist_file``: while that file exists, its ``bridge_persist_messages`` (which
   runs after every other store's) writes ``<file>.stalled`` and never returns, so a test can
-  SIGKILL the daemon between the history's commit and what comes after it.
+  SIGKILL the daemon between the history's commit and what comes after it;
+  ``stall_first_file`` does the same before every other store (so before the history).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class OpsSettings:
     greeting: str = setting("hello", doc="a setting that reloads live")
     token: Secret | None = setting(None, doc="a secret")
     stall_persist_file: Path | None = setting(None, doc="persisting stalls while it exists")
+    stall_first_file: Path | None = setting(None, doc="the same, before the other stores")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,13 @@ class Toggle:
         return Health(self.up, "" if self.up else self.settings.detail)
 
 
+async def _stall(path: Path | None, messages: Sequence[Message]) -> None:
+    """While ``path`` exists: say so in ``<path>.stalled`` and never return."""
+    if path is not None and await trio.Path(path).exists():
+        await trio.Path(f"{path}.stalled").write_text(str(len(messages)))
+        await trio.sleep_forever()
+
+
 class Plugin:
     def __init__(self) -> None:
         self.settings: OpsSettings | None = None
@@ -168,10 +177,11 @@ class Plugin:
 
     @hookimpl(trylast=True)
     async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
-        stall = self.settings.stall_persist_file if self.settings else None
-        if stall is not None and await trio.Path(stall).exists():
-            await trio.Path(f"{stall}.stalled").write_text(str(len(messages)))
-            await trio.sleep_forever()
+        await _stall(self.settings.stall_persist_file if self.settings else None, messages)
+
+    @hookimpl(specname="bridge_persist_messages", tryfirst=True)
+    async def persist_first(self, messages: Sequence[Message]) -> None:
+        await _stall(self.settings.stall_first_file if self.settings else None, messages)
 
     @hookimpl
     def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:
