@@ -54,6 +54,7 @@ from .amqp_seam import (
     open_island,
 )
 from .amqp_spool import Entry, Spool
+from .codecs import codec_for
 
 log = logging.getLogger("bridge.amqp")
 
@@ -408,10 +409,7 @@ class AmqpTransport:
 
     def _decode(self, d: Delivery) -> Message:
         content_type = d.content_type or "application/json"
-        try:
-            codec = self.ctx.codec(content_type)
-        except KeyError:
-            raise DecodeError(f"unsupported content type {content_type!r}") from None
+        codec = codec_for(self.ctx.codec, content_type)
         body = codec.decode(d.body)
         if not isinstance(body, dict):
             raise DecodeError(f"the body must be an object, not {type(body).__name__}")

@@ -163,6 +163,46 @@ async def test_bad_notifications_are_dead_lettered_with_reasons(tmp_path: Path) 
         assert await broker.ready(names.dead) == 0
 
 
+TO_CHAT_MAPPED = TO_CHAT + 'transforms = ["notification_to_chat"]\n'
+
+
+async def test_content_types_are_media_types_and_bad_moments_are_contract_errors(
+        tmp_path: Path) -> None:
+    names = Names.make()
+    packed = msgpack.packb({"userId": "u", "message": "msgpack, upper case",
+                            "timestamp": "2026-01-02T03:04:05Z"})
+    valid = [("application/json; charset=utf-8", notification("u", "with a charset")),
+             ("Application/JSON", notification("u", "upper case")),
+             ('application/json;charset="UTF-8"', notification("u", "quoted charset")),
+             ("Application/X-MsgPack", packed)]
+    async with open_broker() as broker:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT_MAPPED)
+        async with run_bridge(cfg) as daemon:
+            for i, (content_type, body) in enumerate(valid):
+                await broker.publish(names.queue, body, content_type=content_type,
+                                     message_id=f"valid-{i}")
+            await broker.publish(names.queue, notification("u", "latin"),
+                                 content_type="application/json; charset=iso-8859-1",
+                                 message_id="latin-1")
+            for i, moment in enumerate(["0001-01-01T00:00:00+23:59",
+                                        "9999-12-31T23:59:59-23:59"]):
+                body = json.dumps({"userId": "u", "message": "when?", "timestamp": moment})
+                await broker.publish(names.queue, body.encode(), message_id=f"moment-{i}")
+            await broker.publish(names.queue, notification("u", "last"), message_id="last")
+            got = await received(chat_of(daemon), len(valid) + 1)
+            dead = await broker.read(names.dead, 3)
+        assert [m.body["message"][0]["text"] for m in got] == [
+            "with a charset", "upper case", "quoted charset", "msgpack, upper case", "last"]
+        by_id = {d.message_id: d.headers for d in dead}
+        assert by_id["latin-1"]["x-bridge-reason"] == "DecodeError"
+        assert "charset 'iso-8859-1'" in by_id["latin-1"]["x-bridge-error"]
+        for i in range(2):
+            assert by_id[f"moment-{i}"]["x-bridge-reason"] == "ContractError"
+            assert "out of range" in by_id[f"moment-{i}"]["x-bridge-error"]
+        assert await broker.ready(names.queue) == 0
+        assert await broker.ready(names.dead) == 0
+
+
 async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) -> None:
     names = Names.make()
     async with open_broker() as broker:
