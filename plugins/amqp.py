@@ -153,7 +153,6 @@ class AmqpTransport:
         self._last_error = "not connected yet"
         self._changed = trio.Event()  # fired on spool and connection changes
         self._spool_grown = trio.Event()
-        self._first_attempt = trio.Event()
         self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
         self._inflight: dict[str, list[tuple[Consumer, int]]] = {}
         self._tls = TlsOptions(
@@ -187,10 +186,8 @@ class AmqpTransport:
             async with open_island(self.name, close_timeout=self.settings.close_timeout_s
                                    ) as island, trio.open_nursery() as nursery:
                 nursery.start_soon(self._connect_forever, island)
-                # Start serving once the first connection attempt is over, either way (the
-                # outbox takes deliveries while the broker is away), and within a bound.
-                with trio.move_on_after(self.settings.connect_timeout_s + 2):
-                    await self._first_attempt.wait()
+                # Started once the outbox is open: it takes deliveries whether the broker
+                # answers or not, so no transport listed after this one waits for it.
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -252,7 +249,6 @@ class AmqpTransport:
                 await self._session(island)
             except* Exception as group:  # aiormq, aio-pika and OS errors share no base
                 self._lost(group)
-            self._first_attempt.set()
             if self._established:
                 delay = s.reconnect_initial_s
             pause = min(delay, s.reconnect_max_s) * random.uniform(0.5, 1.0)
@@ -264,6 +260,7 @@ class AmqpTransport:
         exc = _first(group)
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log.warning("%s: broker connection lost: %s", self.name, self._last_error)
+        self._fire()  # health() says why
 
     async def _session(self, island: Island) -> None:
         """One connection's life: declare, publish, consume; raises once it is lost."""
@@ -283,7 +280,6 @@ class AmqpTransport:
                     nursery.start_soon(self._consume, consumer)
                     self._consumer = consumer
                 self._connected = self._established = True
-                self._first_attempt.set()
                 self._fire()
                 log.info("%s: connected to %s%s", self.name, redact(s.url),
                          f", consuming {s.consume_queue}" if self._consumer else "")
