@@ -62,6 +62,8 @@ HOPS_HEADER = "x-bridge-hops"
 CHAT_ID_HEADER = "x-bridge-chat-id"
 KIND_HEADER = "x-bridge-kind"
 _TEMPLATE_FIELDS = frozenset({"chat_id", "kind", "source"})
+#: While the broker's port refuses connections, how often it is probed during a backoff.
+PROBE_INTERVAL_S = 0.5
 
 
 def _positive(v: float) -> str | None:
@@ -254,7 +256,41 @@ class AmqpTransport:
             pause = min(delay, s.reconnect_max_s) * random.uniform(0.5, 1.0)
             delay = min(delay * 2, s.reconnect_max_s)
             log.info("%s: reconnecting in %.2f s", self.name, pause)
-            await trio.sleep(pause)
+            if await self._pause(pause):
+                log.info("%s: the broker's port accepts again; reconnecting now", self.name)
+                delay = s.reconnect_initial_s
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before the next attempt; True if cut short. While the broker's
+        port refuses TCP (down, restarting, unreachable), it is probed every
+        PROBE_INTERVAL_S and the wait ends once it accepts. A broker that accepts TCP and
+        then fails the connection (authentication, a timeout, a refused vhost) gets the
+        whole backoff, so it is not hammered."""
+        with trio.move_on_after(seconds):
+            if await self._broker_accepts():
+                await trio.sleep_forever()
+            while True:
+                await trio.sleep(PROBE_INTERVAL_S)
+                if await self._broker_accepts():
+                    return True
+        return False
+
+    async def _broker_accepts(self) -> bool:
+        """Whether the broker's host and port accept a TCP connection now (closed at once,
+        before any AMQP is said)."""
+        parts = urlsplit(self.settings.url)
+        try:
+            port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        except ValueError:  # not a port: the connection itself says why
+            return True
+        with trio.move_on_after(PROBE_INTERVAL_S):
+            try:
+                stream = await trio.open_tcp_stream(parts.hostname or "localhost", port)
+            except OSError:
+                return False
+            await stream.aclose()
+            return True
+        return False
 
     def _lost(self, group: BaseExceptionGroup[Exception]) -> None:
         exc = _first(group)
