@@ -50,6 +50,7 @@ from .amqp_seam import (
     Properties,
     Publisher,
     PublishFailed,
+    SizeLimit,
     TlsOptions,
     open_island,
 )
@@ -108,6 +109,9 @@ class AmqpSettings:
     bind_consume_queue_to_exchange: tuple[str, ...] = setting(
         (), doc="binding keys from the exchange to the consumed queue (a loopback)")
     prefetch: int = setting(256, check=_positive, doc="unacknowledged deliveries at most")
+    max_message_bytes: int = setting(
+        1 << 20, check=_positive,
+        doc="largest consumed body; a larger one is dead-lettered unread (TooLarge)")
     publish_window: int = setting(256, check=_positive, doc="unconfirmed publishes at most")
     heartbeat_s: int = setting(30, check=_not_negative, doc="AMQP heartbeat; 0 disables")
     connect_timeout_s: float = setting(10.0, check=_positive)
@@ -312,7 +316,10 @@ class AmqpTransport:
                 nursery.start_soon(conn.wait_lost)
                 nursery.start_soon(self._publish, publisher)
                 if s.consume_queue and self._accepting:
-                    consumer = await conn.open_consumer(s.consume_queue, s.prefetch)
+                    consumer = await conn.open_consumer(
+                        s.consume_queue, s.prefetch,
+                        size_limit=SizeLimit(s.max_message_bytes, s.dead_letter_queue,
+                                             self._too_large_properties, self._too_large))
                     nursery.start_soon(self._consume, consumer)
                     self._consumer = consumer
                 self._connected = self._established = True
@@ -465,10 +472,40 @@ class AmqpTransport:
         else:
             self._dead_letter(consumer, d, "Failed", outcome.reason)
 
+    def _too_large_error(self, size: int) -> str:
+        return (f"the body is {size} bytes, over max_message_bytes"
+                f" ({self.settings.max_message_bytes}); not decoded")
+
+    def _too_large_properties(self, d: Delivery, size: int) -> Properties:
+        """The dead letter of a delivery over ``max_message_bytes`` (asyncio thread)."""
+        return self._dead_letter_properties(d, "TooLarge", self._too_large_error(size))
+
+    def _too_large(self, d: Delivery, size: int, ok: bool) -> None:
+        """The seam dead-lettered (``ok``) a delivery over ``max_message_bytes``, or failed
+        to, which leaves it to the broker to redeliver."""
+        if ok:
+            log.info("%s: dead-lettered delivery %s (TooLarge): %s", self.name,
+                     d.message_id or "-", self._too_large_error(size))
+            self.ctx.count("dead_letters_total", reason="TooLarge")
+        self._fire()
+
     def _dead_letter(self, consumer: Consumer, d: Delivery, reason: str, error: str) -> None:
         s = self.settings
         log.info("%s: dead-lettering delivery %s (%s): %s", self.name, d.message_id or "-",
                  reason, error)
+        props = self._dead_letter_properties(d, reason, error)
+        ctx = self.ctx
+
+        def done(ok: bool) -> None:
+            if ok:
+                ctx.count("dead_letters_total", reason=reason)
+            self._handled(d.message_id, ok)
+
+        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+
+    def _dead_letter_properties(self, d: Delivery, reason: str, error: str) -> Properties:
+        """The dead letter's properties: the original ones and the reason in headers."""
+        s = self.settings
         headers = {k: v for k, v in d.headers.items() if isinstance(k, str)}
         headers.update({
             "x-bridge-reason": reason,
@@ -478,15 +515,7 @@ class AmqpTransport:
             "x-bridge-original-exchange": d.exchange,
             "x-bridge-original-routing-key": d.routing_key,
         })
-        props = Properties(d.content_type, d.message_id, True, headers)
-        ctx = self.ctx
-
-        def done(ok: bool) -> None:
-            if ok:
-                ctx.count("dead_letters_total", reason=reason)
-            self._handled(d.message_id, ok)
-
-        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+        return Properties(d.content_type, d.message_id, True, headers)
 
     def _handled(self, mid: str, final: bool) -> None:
         """Delivery with id ``mid`` is acknowledged (``final``) or left for redelivery."""

@@ -218,6 +218,38 @@ async def test_content_types_are_media_types_and_bad_moments_are_contract_errors
         assert await broker.ready(names.dead) == 0
 
 
+async def test_a_body_over_max_message_bytes_is_dead_lettered_whole_and_unread(
+        tmp_path: Path) -> None:
+    names = Names.make()
+    big = bytes(range(256)) * 1200  # 307,200 bytes: three body frames of 128 KiB
+    async with open_broker() as broker:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT,
+                     amqp={"max_message_bytes": 100_000})
+        async with connected_bridge(cfg) as daemon:
+            await broker.publish(names.queue, notification("u", "before"), message_id="a")
+            await broker.publish(names.queue, big, message_id="big",
+                                 headers={"x-custom": "kept"})
+            await broker.publish(names.queue, b"x" * 100_000,
+                                 message_id="at-limit")  # not JSON, but not too large
+            await broker.publish(names.queue, notification("u", "after"), message_id="b")
+            got = await received(chat_of(daemon), 2)
+            dead = await broker.read(names.dead, 2)
+            assert metric(daemon, "dead_letters_total", reason="TooLarge") == 1
+        assert [m.id for m in got] == ["a", "b"]
+        by_id = {d.message_id: d for d in dead}
+        assert by_id["at-limit"].headers["x-bridge-reason"] == "DecodeError"
+        too_large = by_id["big"]
+        assert too_large.body == big  # the original body, whole
+        assert too_large.headers["x-bridge-reason"] == "TooLarge"
+        assert too_large.headers["x-bridge-error"] == (
+            "the body is 307200 bytes, over max_message_bytes (100000); not decoded")
+        assert too_large.headers["x-custom"] == "kept"
+        assert too_large.headers["x-bridge-original-queue"] == names.queue
+        assert too_large.delivery_mode == 2
+        assert await broker.ready(names.queue) == 0
+        assert await broker.ready(names.dead) == 0
+
+
 async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) -> None:
     names = Names.make()
     async with open_broker() as broker:
