@@ -38,6 +38,7 @@ from bridge import (
     Accepted,
     ConfigError,
     ContractError,
+    DecodeError,
     Failed,
     Message,
     hookimpl,
@@ -46,6 +47,7 @@ from bridge.config import load_config
 from bridge.daemon import Daemon
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.amqp import AmqpTransport, redact
+from bridge_plugins.codecs import media_type
 from bridge_plugins.memory import MemoryTransport
 
 HEAD = "[daemon]\nhop_limit = 4\ndrain_timeout_s = 5\n[admin]\nenabled = false\n"
@@ -248,6 +250,24 @@ async def test_a_body_over_max_message_bytes_is_dead_lettered_whole_and_unread(
         assert too_large.delivery_mode == 2
         assert await broker.ready(names.queue) == 0
         assert await broker.ready(names.dead) == 0
+
+
+@pytest.mark.parametrize(("content_type", "media", "params"), [
+    ("application/json", "application/json", {}),
+    ("Application/JSON; Charset=UTF-8", "application/json", {"charset": "UTF-8"}),
+    ('application/json;charset="utf-8";x=1', "application/json", {"charset": "utf-8", "x": "1"}),
+    ('a/b; q="say \\"hi\\""', "a/b", {"q": 'say "hi"'}),
+])
+def test_content_types_parse_as_media_types(content_type: str, media: str,
+                                            params: dict[str, str]) -> None:
+    assert media_type(content_type) == (media, params)
+
+
+@pytest.mark.parametrize("content_type", ["json", "application/", "/json", "a/b;", "a/b; c",
+                                          "a/b; c = d", 'a/b; c="open', "a b/c"])
+def test_what_is_not_a_media_type_is_a_decode_error(content_type: str) -> None:
+    with pytest.raises(DecodeError, match=r"media type|malformed parameter"):
+        media_type(content_type)
 
 
 async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) -> None:
@@ -538,6 +558,21 @@ class SilentBroker:
         self.accepted.set()
         async with stream:
             await trio.sleep_forever()
+
+
+async def test_a_broker_that_refuses_the_login_gets_the_whole_backoff(tmp_path: Path) -> None:
+    """Its port accepts TCP, so the reconnect backoff is not cut short by the probe that
+    speeds up a return from an outage: the broker is not hammered."""
+    names = Names.make()
+    url = broker_url().replace("guest:guest@", "guest:not-the-password@")
+    cfg = config(tmp_path, names, url, amqp={"reconnect_initial_s": 8.0,
+                                             "reconnect_max_s": 8.0})
+    async with connected_bridge(cfg, connected=False) as daemon:
+        amqp = amqp_of(daemon)
+        await until(amqp, lambda: "ACCESS_REFUSED" in amqp.health().detail)
+        await trio.sleep(2.0)  # within the first pause (4-8 s): no second attempt
+        assert metric(daemon, "amqp_reconnects_total") == 0
+        assert not amqp.health().ready
 
 
 async def test_a_broker_that_never_answers_does_not_hold_up_the_chat(tmp_path: Path) -> None:
