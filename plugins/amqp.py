@@ -52,10 +52,12 @@ from .amqp_seam import (
     Properties,
     Publisher,
     PublishFailed,
+    SizeLimit,
     TlsOptions,
     open_island,
 )
 from .amqp_spool import Entry, Spool
+from .codecs import codec_for
 
 log = logging.getLogger("bridge.amqp")
 
@@ -67,6 +69,8 @@ _TEMPLATE_FIELDS = frozenset({"chat_id", "kind", "source"})
 #: this pause, doubled while it keeps failing, up to RETRY_MAX_S.
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 5.0
+#: While the broker's port refuses connections, how often it is probed during a backoff.
+PROBE_INTERVAL_S = 0.5
 
 
 def _positive(v: float) -> str | None:
@@ -111,6 +115,9 @@ class AmqpSettings:
     bind_consume_queue_to_exchange: tuple[str, ...] = setting(
         (), doc="binding keys from the exchange to the consumed queue (a loopback)")
     prefetch: int = setting(256, check=_positive, doc="unacknowledged deliveries at most")
+    max_message_bytes: int = setting(
+        1 << 20, check=_positive,
+        doc="largest consumed body; a larger one is dead-lettered unread (TooLarge)")
     publish_window: int = setting(256, check=_positive, doc="unconfirmed publishes at most")
     heartbeat_s: int = setting(30, check=_not_negative, doc="AMQP heartbeat; 0 disables")
     connect_timeout_s: float = setting(10.0, check=_positive)
@@ -158,7 +165,6 @@ class AmqpTransport:
         self._last_error = "not connected yet"
         self._changed = trio.Event()  # fired on spool and connection changes
         self._spool_grown = trio.Event()
-        self._first_attempt = trio.Event()
         self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
         #: id(message) -> its outbox seqs (one per leg to this transport), until commit
         self._held: dict[int, list[int]] = {}
@@ -205,10 +211,8 @@ class AmqpTransport:
                                    ) as island, trio.open_nursery() as nursery:
                 nursery.start_soon(self._connect_forever, island)
                 nursery.start_soon(self._recommit)
-                # Start serving once the first connection attempt is over, either way (the
-                # outbox takes deliveries while the broker is away), and within a bound.
-                with trio.move_on_after(self.settings.connect_timeout_s + 2):
-                    await self._first_attempt.wait()
+                # Started once the outbox is open: it takes deliveries whether the broker
+                # answers or not, so no transport listed after this one waits for it.
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -271,18 +275,52 @@ class AmqpTransport:
                 await self._session(island)
             except* Exception as group:  # aiormq, aio-pika and OS errors share no base
                 self._lost(group)
-            self._first_attempt.set()
             if self._established:
                 delay = s.reconnect_initial_s
             pause = min(delay, s.reconnect_max_s) * random.uniform(0.5, 1.0)
             delay = min(delay * 2, s.reconnect_max_s)
             log.info("%s: reconnecting in %.2f s", self.name, pause)
-            await trio.sleep(pause)
+            if await self._pause(pause):
+                log.info("%s: the broker's port accepts again; reconnecting now", self.name)
+                delay = s.reconnect_initial_s
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before the next attempt; True if cut short. While the broker's
+        port refuses TCP (down, restarting, unreachable), it is probed every
+        PROBE_INTERVAL_S and the wait ends once it accepts. A broker that accepts TCP and
+        then fails the connection (authentication, a timeout, a refused vhost) gets the
+        whole backoff, so it is not hammered."""
+        with trio.move_on_after(seconds):
+            if await self._broker_accepts():
+                await trio.sleep_forever()
+            while True:
+                await trio.sleep(PROBE_INTERVAL_S)
+                if await self._broker_accepts():
+                    return True
+        return False
+
+    async def _broker_accepts(self) -> bool:
+        """Whether the broker's host and port accept a TCP connection now (closed at once,
+        before any AMQP is said)."""
+        parts = urlsplit(self.settings.url)
+        try:
+            port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        except ValueError:  # not a port: the connection itself says why
+            return True
+        with trio.move_on_after(PROBE_INTERVAL_S):
+            try:
+                stream = await trio.open_tcp_stream(parts.hostname or "localhost", port)
+            except OSError:
+                return False
+            await stream.aclose()
+            return True
+        return False
 
     def _lost(self, group: BaseExceptionGroup[Exception]) -> None:
         exc = _first(group)
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log.warning("%s: broker connection lost: %s", self.name, self._last_error)
+        self._fire()  # health() says why
 
     async def _session(self, island: Island) -> None:
         """One connection's life: declare, publish, consume; raises once it is lost."""
@@ -298,11 +336,13 @@ class AmqpTransport:
                 nursery.start_soon(conn.wait_lost)
                 nursery.start_soon(self._publish, publisher)
                 if s.consume_queue and self._accepting:
-                    consumer = await conn.open_consumer(s.consume_queue, s.prefetch)
+                    consumer = await conn.open_consumer(
+                        s.consume_queue, s.prefetch,
+                        size_limit=SizeLimit(s.max_message_bytes, s.dead_letter_queue,
+                                             self._too_large_properties, self._too_large))
                     nursery.start_soon(self._consume, consumer)
                     self._consumer = consumer
                 self._connected = self._established = True
-                self._first_attempt.set()
                 self._fire()
                 log.info("%s: connected to %s%s", self.name, redact(s.url),
                          f", consuming {s.consume_queue}" if self._consumer else "")
@@ -556,10 +596,7 @@ class AmqpTransport:
 
     def _decode(self, d: Delivery) -> Message:
         content_type = d.content_type or "application/json"
-        try:
-            codec = self.ctx.codec(content_type)
-        except KeyError:
-            raise DecodeError(f"unsupported content type {content_type!r}") from None
+        codec = codec_for(self.ctx.codec, content_type)
         body = codec.decode(d.body)
         if not isinstance(body, dict):
             raise DecodeError(f"the body must be an object, not {type(body).__name__}")
@@ -595,11 +632,40 @@ class AmqpTransport:
                         message: Message, outcome: Outcome) -> None:
         self._settle(consumer, d, message, outcome)
         round_.settled()
+    def _too_large_error(self, size: int) -> str:
+        return (f"the body is {size} bytes, over max_message_bytes"
+                f" ({self.settings.max_message_bytes}); not decoded")
+
+    def _too_large_properties(self, d: Delivery, size: int) -> Properties:
+        """The dead letter of a delivery over ``max_message_bytes`` (asyncio thread)."""
+        return self._dead_letter_properties(d, "TooLarge", self._too_large_error(size))
+
+    def _too_large(self, d: Delivery, size: int, ok: bool) -> None:
+        """The seam dead-lettered (``ok``) a delivery over ``max_message_bytes``, or failed
+        to, which leaves it to the broker to redeliver."""
+        if ok:
+            log.info("%s: dead-lettered delivery %s (TooLarge): %s", self.name,
+                     d.message_id or "-", self._too_large_error(size))
+            self.ctx.count("dead_letters_total", reason="TooLarge")
+        self._fire()
 
     def _dead_letter(self, consumer: Consumer, d: Delivery, reason: str, error: str) -> None:
         s = self.settings
         log.info("%s: dead-lettering delivery %s (%s): %s", self.name, d.message_id or "-",
                  reason, error)
+        props = self._dead_letter_properties(d, reason, error)
+        ctx = self.ctx
+
+        def done(ok: bool) -> None:
+            if ok:
+                ctx.count("dead_letters_total", reason=reason)
+            self._handled(d.message_id, ok)
+
+        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+
+    def _dead_letter_properties(self, d: Delivery, reason: str, error: str) -> Properties:
+        """The dead letter's properties: the original ones and the reason in headers."""
+        s = self.settings
         headers = {k: v for k, v in d.headers.items() if isinstance(k, str)}
         headers.update({
             "x-bridge-reason": reason,
@@ -609,15 +675,7 @@ class AmqpTransport:
             "x-bridge-original-exchange": d.exchange,
             "x-bridge-original-routing-key": d.routing_key,
         })
-        props = Properties(d.content_type, d.message_id, True, headers)
-        ctx = self.ctx
-
-        def done(ok: bool) -> None:
-            if ok:
-                ctx.count("dead_letters_total", reason=reason)
-            self._handled(d.message_id, ok)
-
-        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+        return Properties(d.content_type, d.message_id, True, headers)
 
     def _handled(self, mid: str, final: bool) -> None:
         """Delivery with id ``mid`` is acknowledged (``final``) or left for redelivery."""

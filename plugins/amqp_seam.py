@@ -16,7 +16,9 @@ docs/amqp.md; the rules it follows (from the feasibility study):
   from the asyncio task's done callback), so no asyncio work outlives its trio caller.
 * Closing is shielded and bounded; the loop thread is always stopped and joined.
 * A consumer's trio channel holds at least ``prefetch`` deliveries, so the broker's
-  prefetch (with manual acks) is the memory bound and the channel never overflows.
+  prefetch (with manual acks) bounds what is handed over and the channel never overflows;
+  with a :class:`SizeLimit`, a delivery over it is dead-lettered on the asyncio side, one at
+  a time, and never handed over, so the bound is in bytes too.
 * A lost connection is noticed through the connection's and channels' ``close_callbacks``
   (in aio-pika 10.2.1 ``closed()`` does not complete on a server-side close).
 
@@ -44,6 +46,7 @@ import trio
 from aio_pika.connection import make_url
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 from yarl import URL
@@ -349,6 +352,21 @@ class Delivery:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SizeLimit:
+    """The largest body a consumer hands to trio. A delivery whose content header announces
+    more than ``max_bytes`` never reaches trio: the seam reads it and publishes it unchanged
+    to ``queue`` (default exchange), with ``properties(delivery, size)`` (``delivery`` has
+    an empty body; called on the asyncio thread, so it must only compute), acknowledges it
+    once the broker confirms that, and then runs ``done(delivery, size, ok)`` on trio. If
+    the publish fails, the delivery stays unacknowledged and the broker redelivers it."""
+
+    max_bytes: int
+    queue: str
+    properties: Callable[[Delivery, int], Properties]
+    done: Callable[[Delivery, int, bool], None]
+
+
 @dataclass(frozen=True)
 class TlsOptions:
     """TLS to the broker (amqps)."""
@@ -506,17 +524,21 @@ class Connection:
         return Publisher(self.island, await self._channel(confirms=True), window)
 
     async def open_consumer(self, queue: str, prefetch: int,
-                            dead_letter_confirms: bool = True) -> Consumer:
+                            dead_letter_confirms: bool = True,
+                            size_limit: SizeLimit | None = None) -> Consumer:
         """Consume ``queue`` with manual acks and ``prefetch`` unacked deliveries at most.
-        The channel is in confirm mode so that dead letters are confirmed before the ack."""
+        The channel is in confirm mode so that dead letters are confirmed before the ack.
+        ``size_limit``: what happens to a delivery too large to hand over (see there)."""
         raw = await self._channel(confirms=dead_letter_confirms)
-        consumer = Consumer(self.island, raw, prefetch)
+        consumer = Consumer(self.island, raw, prefetch, size_limit)
         self._consumers.append(consumer)
 
         async def start() -> None:
             await raw.basic_qos(prefetch_count=prefetch)
             raw.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel_aio)
-            _deliver_inline(raw, consumer._on_message_aio)
+            _deliver_inline(raw, consumer._on_message_aio,
+                            consumer._too_large_aio if size_limit is not None else None,
+                            size_limit.max_bytes if size_limit is not None else 0)
             ok = await raw.basic_consume(queue, consumer._on_delivery_task, no_ack=False)
             consumer.tag = ok.consumer_tag or ""
 
@@ -716,8 +738,10 @@ class Publisher:
 # --------------------------------------------------------------------------- consumer
 
 
-def _deliver_inline(raw: aiormq.Channel, on_message: Callable[[DeliveredMessage], None]
-                    ) -> None:
+def _deliver_inline(raw: aiormq.Channel, on_message: Callable[[DeliveredMessage], None],
+                    on_too_large: Callable[[spec.Basic.Deliver, ContentHeader],
+                                           Awaitable[None]] | None = None,
+                    max_body: int = 0) -> None:
     """Hand the deliveries of ``raw`` (a channel with one consumer) to ``on_message`` as its
     reader reads them.
 
@@ -728,11 +752,19 @@ def _deliver_inline(raw: aiormq.Channel, on_message: Callable[[DeliveredMessage]
     ``on_message`` inline; ``on_message`` must not block or raise. Deliveries for a consumer
     the channel no longer has (cancelled) are dropped, as aiormq drops them. aiormq is pinned
     to 7.2.x.
+
+    With ``on_too_large``, a delivery whose content header announces a body over
+    ``max_body`` bytes is not read here: ``on_too_large(frame, header)`` reads its body
+    frames instead (the channel reader, and through the channel's bounded frame buffer the
+    connection's reader, wait for it, so one such body at a time is in memory).
     """
     async def on_deliver_frame(frame: spec.Basic.Deliver) -> None:
         header = await raw._get_frame()
         if not isinstance(header, ContentHeader):
             raise ValueError(f"unexpected frame {header!r} instead of a content header")
+        if on_too_large is not None and (header.body_size or 0) > max_body:
+            await on_too_large(frame, header)
+            return
         message = await raw._read_content(frame, header)
         if frame.consumer_tag is None or frame.consumer_tag not in raw.consumers:
             return  # as aiormq does: no consumer (cancelled); the broker redelivers it
@@ -753,9 +785,11 @@ class Consumer:
     acknowledged tags form a prefix of the unacknowledged ones).
     """
 
-    def __init__(self, island: Island, channel: aiormq.Channel, prefetch: int) -> None:
+    def __init__(self, island: Island, channel: aiormq.Channel, prefetch: int,
+                 size_limit: SizeLimit | None = None) -> None:
         self.island = island
         self._raw = channel
+        self._size_limit = size_limit
         self.tag = ""
         # The broker sends at most `prefetch` unacked deliveries: the channel cannot overflow.
         self._send, self._receive = trio.open_memory_channel[Delivery](max(prefetch, 1))
@@ -778,6 +812,68 @@ class Consumer:
     async def _on_delivery_task(self, message: DeliveredMessage) -> None:  # asyncio thread
         """The callback aiormq registers; :func:`_deliver_inline` bypasses it."""
         self._on_message_aio(message)
+
+    async def _too_large_aio(self, frame: spec.Basic.Deliver, header: ContentHeader
+                             ) -> None:  # asyncio thread, in the channel's reader
+        """Dead-letter a delivery over the size limit without handing it to trio: read its
+        body frames, publish them unchanged to the limit's queue as one write (nothing
+        else may come between a message's frames on the channel), wait until that write is
+        done, and acknowledge the delivery once the broker confirms."""
+        limit = self._size_limit
+        assert limit is not None
+        raw = self._raw
+        size = header.body_size or 0
+        wanted = frame.consumer_tag is not None and frame.consumer_tag in raw.consumers
+        bare = Delivery.from_aiormq(DeliveredMessage(delivery=frame, header=header, body=b"",
+                                                     channel=raw))
+        if wanted:
+            self._unacked[bare.tag] = None  # in delivery order, as _on_message_aio does
+            props = limit.properties(bare, size)
+            chunks = [marshal(spec.Basic.Publish(exchange="", routing_key=limit.queue),
+                              raw.number),
+                      marshal(ContentHeader(properties=props.to_pamqp(), body_size=size),
+                              raw.number)]
+        read = 0
+        while read < size:  # the body frames must be read off the channel either way
+            body = await raw._get_frame()
+            if not isinstance(body, ContentBody):
+                raise ValueError(f"unexpected frame {body!r} in a message body")
+            read += len(body.value)
+            if wanted:
+                chunks.append(marshal(body, raw.number))
+        if not wanted:
+            return  # as aiormq does: no consumer (cancelled); the broker redelivers it
+        payload = b"".join(chunks)
+        del chunks
+        try:
+            async with raw.lock:  # the channel's publishes take their tags in order
+                raw.delivery_tag += 1
+                confirmation = raw.create_future() if raw.publisher_confirms else None
+                if confirmation is not None:
+                    raw.confirmations[raw.delivery_tag] = confirmation
+                drain = raw.create_future()
+                await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False,
+                                                       drain_future=drain))
+            del payload
+            await drain  # written: the next body may be read
+        except Exception as e:
+            log.warning("dead-lettering delivery %d (too large) failed: %s", bare.tag,
+                        _describe(e))
+            self.island.to_trio(partial(limit.done, bare, size, False))
+            return
+
+        def confirmed(future: asyncio.Future[Any]) -> None:
+            ok = (not future.cancelled() and future.exception() is None
+                  and isinstance(future.result(), spec.Basic.Ack))
+            if ok:
+                self._ready_aio(bare.tag)
+            self.island.to_trio(partial(limit.done, bare, size, ok))
+
+        if confirmation is None:
+            self._ready_aio(bare.tag)
+            self.island.to_trio(partial(limit.done, bare, size, True))
+        else:
+            confirmation.add_done_callback(confirmed)
 
     def _put(self, delivery: Delivery) -> None:  # trio thread
         try:
@@ -925,6 +1021,7 @@ __all__ = [
     "Properties",
     "PublishFailed",
     "Publisher",
+    "SizeLimit",
     "TlsOptions",
     "open_island",
 ]

@@ -123,6 +123,52 @@ def _msgpack_decode(data: bytes) -> Any:
     return value
 
 
+_TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TOKEN = re.compile(_TOKEN_CHARS)
+_PARAMETER = re.compile(rf"""\s*;\s*({_TOKEN_CHARS})=({_TOKEN_CHARS}|"(?:[^"\\]|\\.)*")\s*""")
+
+
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """The media type of a ``Content-Type`` value, lower-cased, and its parameters (names
+    lower-cased, quoted values unquoted), as RFC 9110 §8.3.1 defines them:
+    ``Application/JSON; charset="UTF-8"`` is ``("application/json", {"charset": "UTF-8"})``.
+    Raises :class:`bridge.DecodeError` on a value that is not one."""
+    head, sep, rest = content_type.partition(";")
+    kind, slash, sub = head.strip().partition("/")
+    if not (_TOKEN.fullmatch(kind) and slash and _TOKEN.fullmatch(sub)):
+        raise DecodeError(f"content type {content_type[:100]!r} is not a media type")
+    params: dict[str, str] = {}
+    pos, rest = 0, sep + rest
+    while pos < len(rest):
+        m = _PARAMETER.match(rest, pos)
+        if m is None:
+            raise DecodeError(f"content type {content_type[:100]!r} has a malformed"
+                              f" parameter")
+        value = m.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[m.group(1).lower()] = value
+        pos = m.end()
+    return f"{kind}/{sub}".lower(), params
+
+
+def codec_for(codecs: Callable[[str], Codec], content_type: str) -> Codec:
+    """The codec of ``content_type``, matched as a media type (case-insensitive, parameters
+    allowed), found by ``codecs`` (which raises KeyError for an unknown type). A ``charset``
+    parameter must name UTF-8, the only one the codecs read. Raises
+    :class:`bridge.DecodeError`."""
+    kind, params = media_type(content_type)
+    try:
+        codec = codecs(kind)
+    except KeyError:
+        raise DecodeError(f"unsupported content type {content_type[:100]!r}") from None
+    charset = params.get("charset")
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise DecodeError(f"unsupported charset {charset[:40]!r} in content type"
+                          f" {kind!r}: only utf-8 is read")
+    return codec
+
+
 JSON = Codec("json", "application/json", False, _json_encode, _json_decode)
 MSGPACK = Codec("msgpack", "application/msgpack", True, _msgpack_encode, _msgpack_decode)
 MSGPACK_ALIAS = Codec("x-msgpack", "application/x-msgpack", True, _msgpack_encode, _msgpack_decode)

@@ -118,7 +118,7 @@ def bridge_enrich_message(message: Message) -> Message | None:
 
 def rfc3339_seconds(value: object) -> int:
     """Epoch seconds of an RFC 3339 date-time (``Z`` or an offset; a leap second counts as
-    the next second). Raises ValueError."""
+    the next second). Raises ValueError, also for a moment outside years 1-9999 in UTC."""
     if not isinstance(value, str):
         raise ValueError("must be an RFC 3339 date-time string")
     text = value.strip().upper()
@@ -128,9 +128,12 @@ def rfc3339_seconds(value: object) -> int:
     when = datetime.fromisoformat(text)
     if when.tzinfo is None:
         raise ValueError("must be an RFC 3339 date-time with a time zone offset")
-    if leap:
-        when += timedelta(seconds=1)
-    return int(when.astimezone(UTC).timestamp())
+    try:
+        if leap:
+            when += timedelta(seconds=1)
+        return int(when.astimezone(UTC).timestamp())
+    except OverflowError:  # the offset or the leap second leaves years 1-9999
+        raise ValueError(f"{value!r} is out of range (years 1 to 9999 in UTC)") from None
 
 
 def notification_to_chat(message: Message) -> Message:

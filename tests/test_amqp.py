@@ -9,7 +9,8 @@ import sqlite3
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,8 @@ from amqp_support import (
     open_broker,
     update,
 )
+from ws_support import client, receive
+from ws_support import update as ws_update
 
 from bridge import (
     CHAT_EVENT,
@@ -35,6 +38,7 @@ from bridge import (
     Accepted,
     ConfigError,
     ContractError,
+    DecodeError,
     Failed,
     Message,
     hookimpl,
@@ -43,6 +47,7 @@ from bridge.config import load_config
 from bridge.daemon import Daemon
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.amqp import AmqpTransport, redact
+from bridge_plugins.codecs import media_type
 from bridge_plugins.memory import MemoryTransport
 
 HEAD = "[daemon]\nhop_limit = 4\ndrain_timeout_s = 5\n[admin]\nenabled = false\n"
@@ -72,6 +77,17 @@ def config(tmp_path: Path, names: Names, url: str, *, amqp: dict[str, Any] | Non
 
 TO_CHAT = '[[routes]]\nname = "notify"\nfrom = "amqp"\nto = ["chat"]\n'
 TO_AMQP = '[[routes]]\nname = "archive"\nfrom = "chat"\nto = ["amqp"]\n'
+
+
+@asynccontextmanager
+async def connected_bridge(cfg: Path, *, extra_plugins: Sequence[object] = (),
+                           connected: bool = True) -> AsyncIterator[Daemon]:
+    """``run_bridge``, and with ``connected`` wait until the AMQP transport is connected
+    and consuming: it reports started before it connects (the outbox is open)."""
+    async with run_bridge(cfg, extra_plugins=extra_plugins) as daemon:
+        if connected:
+            await until(amqp_of(daemon), lambda: amqp_of(daemon).health().ready)
+        yield daemon
 
 
 def amqp_of(daemon: Daemon) -> AmqpTransport:
@@ -109,7 +125,8 @@ def metric(daemon: Daemon, name: str, **labels: str) -> float:
 async def test_notification_reaches_the_chat_and_is_acked(tmp_path: Path) -> None:
     names = Names.make()
     async with open_broker() as broker:
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+        async with connected_bridge(cfg) as daemon:
             amqp = amqp_of(daemon)
             assert amqp.health().ready, amqp.health().detail
             await broker.publish(names.queue, notification("user-1", "your visit is at 10"),
@@ -133,7 +150,7 @@ async def test_bad_notifications_are_dead_lettered_with_reasons(tmp_path: Path) 
     names = Names.make()
     async with open_broker() as broker:
         cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
-        async with run_bridge(cfg, extra_plugins=[Hooks()]) as daemon:
+        async with connected_bridge(cfg, extra_plugins=[Hooks()]) as daemon:
             await broker.publish(names.queue, b"{not json", message_id="bad-json")
             await broker.publish(names.queue, b"[1, 2]", message_id="not-object")
             await broker.publish(names.queue, b"\x93\x01", content_type="text/x-unknown",
@@ -163,10 +180,101 @@ async def test_bad_notifications_are_dead_lettered_with_reasons(tmp_path: Path) 
         assert await broker.ready(names.dead) == 0
 
 
+TO_CHAT_MAPPED = TO_CHAT + 'transforms = ["notification_to_chat"]\n'
+
+
+async def test_content_types_are_media_types_and_bad_moments_are_contract_errors(
+        tmp_path: Path) -> None:
+    names = Names.make()
+    packed = msgpack.packb({"userId": "u", "message": "msgpack, upper case",
+                            "timestamp": "2026-01-02T03:04:05Z"})
+    valid = [("application/json; charset=utf-8", notification("u", "with a charset")),
+             ("Application/JSON", notification("u", "upper case")),
+             ('application/json;charset="UTF-8"', notification("u", "quoted charset")),
+             ("Application/X-MsgPack", packed)]
+    async with open_broker() as broker:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT_MAPPED)
+        async with connected_bridge(cfg) as daemon:
+            for i, (content_type, body) in enumerate(valid):
+                await broker.publish(names.queue, body, content_type=content_type,
+                                     message_id=f"valid-{i}")
+            await broker.publish(names.queue, notification("u", "latin"),
+                                 content_type="application/json; charset=iso-8859-1",
+                                 message_id="latin-1")
+            for i, moment in enumerate(["0001-01-01T00:00:00+23:59",
+                                        "9999-12-31T23:59:59-23:59"]):
+                body = json.dumps({"userId": "u", "message": "when?", "timestamp": moment})
+                await broker.publish(names.queue, body.encode(), message_id=f"moment-{i}")
+            await broker.publish(names.queue, notification("u", "last"), message_id="last")
+            got = await received(chat_of(daemon), len(valid) + 1)
+            dead = await broker.read(names.dead, 3)
+        assert [m.body["message"][0]["text"] for m in got] == [
+            "with a charset", "upper case", "quoted charset", "msgpack, upper case", "last"]
+        by_id = {d.message_id: d.headers for d in dead}
+        assert by_id["latin-1"]["x-bridge-reason"] == "DecodeError"
+        assert "charset 'iso-8859-1'" in by_id["latin-1"]["x-bridge-error"]
+        for i in range(2):
+            assert by_id[f"moment-{i}"]["x-bridge-reason"] == "ContractError"
+            assert "out of range" in by_id[f"moment-{i}"]["x-bridge-error"]
+        assert await broker.ready(names.queue) == 0
+        assert await broker.ready(names.dead) == 0
+
+
+async def test_a_body_over_max_message_bytes_is_dead_lettered_whole_and_unread(
+        tmp_path: Path) -> None:
+    names = Names.make()
+    big = bytes(range(256)) * 1200  # 307,200 bytes: three body frames of 128 KiB
+    async with open_broker() as broker:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT,
+                     amqp={"max_message_bytes": 100_000})
+        async with connected_bridge(cfg) as daemon:
+            await broker.publish(names.queue, notification("u", "before"), message_id="a")
+            await broker.publish(names.queue, big, message_id="big",
+                                 headers={"x-custom": "kept"})
+            await broker.publish(names.queue, b"x" * 100_000,
+                                 message_id="at-limit")  # not JSON, but not too large
+            await broker.publish(names.queue, notification("u", "after"), message_id="b")
+            got = await received(chat_of(daemon), 2)
+            dead = await broker.read(names.dead, 2)
+            assert metric(daemon, "dead_letters_total", reason="TooLarge") == 1
+        assert [m.id for m in got] == ["a", "b"]
+        by_id = {d.message_id: d for d in dead}
+        assert by_id["at-limit"].headers["x-bridge-reason"] == "DecodeError"
+        too_large = by_id["big"]
+        assert too_large.body == big  # the original body, whole
+        assert too_large.headers["x-bridge-reason"] == "TooLarge"
+        assert too_large.headers["x-bridge-error"] == (
+            "the body is 307200 bytes, over max_message_bytes (100000); not decoded")
+        assert too_large.headers["x-custom"] == "kept"
+        assert too_large.headers["x-bridge-original-queue"] == names.queue
+        assert too_large.delivery_mode == 2
+        assert await broker.ready(names.queue) == 0
+        assert await broker.ready(names.dead) == 0
+
+
+@pytest.mark.parametrize(("content_type", "media", "params"), [
+    ("application/json", "application/json", {}),
+    ("Application/JSON; Charset=UTF-8", "application/json", {"charset": "UTF-8"}),
+    ('application/json;charset="utf-8";x=1', "application/json", {"charset": "utf-8", "x": "1"}),
+    ('a/b; q="say \\"hi\\""', "a/b", {"q": 'say "hi"'}),
+])
+def test_content_types_parse_as_media_types(content_type: str, media: str,
+                                            params: dict[str, str]) -> None:
+    assert media_type(content_type) == (media, params)
+
+
+@pytest.mark.parametrize("content_type", ["json", "application/", "/json", "a/b;", "a/b; c",
+                                          "a/b; c = d", 'a/b; c="open', "a b/c"])
+def test_what_is_not_a_media_type_is_a_decode_error(content_type: str) -> None:
+    with pytest.raises(DecodeError, match=r"media type|malformed parameter"):
+        media_type(content_type)
+
+
 async def test_a_redelivered_message_id_is_not_a_second_event(tmp_path: Path) -> None:
     names = Names.make()
     async with open_broker() as broker:
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
+        async with connected_bridge(cfg) as daemon:
             for text in ("once", "once again", "twice"):
                 await broker.publish(names.queue, notification("u", text),
                                      message_id="same" if text != "twice" else "other")
@@ -196,7 +304,7 @@ async def test_redeliveries_after_a_reconnect_are_not_second_events(tmp_path: Pa
     names = Names.make()
     gate = Gate()
     cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
-    async with run_bridge(cfg, extra_plugins=[gate]) as daemon:
+    async with connected_bridge(cfg, extra_plugins=[gate]) as daemon:
         amqp, chat = amqp_of(daemon), chat_of(daemon)
         async with open_broker() as broker:
             for text in ("a", "b", "c"):
@@ -219,7 +327,7 @@ async def test_redeliveries_after_a_reconnect_are_not_second_events(tmp_path: Pa
 async def test_consuming_resumes_after_the_broker_closes_every_connection(
         tmp_path: Path) -> None:
     names = Names.make()
-    async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
+    async with connected_bridge(config(tmp_path, names, broker_url(), routes=TO_CHAT)) as daemon:
         amqp = amqp_of(daemon)
         async with open_broker() as broker:
             await broker.publish(names.queue, notification("u", "before the close"))
@@ -244,7 +352,7 @@ async def test_chat_events_are_published_with_key_id_and_persistence(tmp_path: P
     names = Names.make()
     async with open_broker() as broker:
         await broker.bind_archive(names)
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP,
+        async with connected_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP,
                                      amqp={"consume_queue": ""})) as daemon:
             amqp = amqp_of(daemon)
             assert amqp.health().ready
@@ -269,7 +377,8 @@ async def test_drain_publishes_the_outbox_before_exit(tmp_path: Path) -> None:
     n = 300
     async with open_broker() as broker:
         await broker.bind_archive(names)
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_AMQP)
+        async with connected_bridge(cfg) as daemon:
             chat = chat_of(daemon)
             for i in range(n):
                 await chat.inject(update(f"m{i}"), chat_id="c", wait=False)
@@ -286,7 +395,7 @@ async def test_drain_publishes_the_outbox_before_exit(tmp_path: Path) -> None:
 
 async def test_a_chat_event_without_chat_id_fails_cleanly(tmp_path: Path) -> None:
     names = Names.make()
-    async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+    async with connected_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
         outcome = await chat_of(daemon).inject(update("nowhere"), chat_id=None)
         assert isinstance(outcome, Failed)
         ok = await chat_of(daemon).inject(update("somewhere"), chat_id="c")
@@ -297,7 +406,7 @@ async def test_a_routing_key_over_255_bytes_fails_that_message_only(tmp_path: Pa
     names = Names.make()
     cfg = config(tmp_path, names, broker_url(), routes=TO_AMQP,
                  amqp={"routing_key": "chat.{chat_id}.{chat_id}"})
-    async with run_bridge(cfg) as daemon:
+    async with connected_bridge(cfg) as daemon:
         outcome = await chat_of(daemon).inject(update("long"), chat_id="x" * 128)
         assert isinstance(outcome, Failed)  # never spooled, so it cannot block the outbox
         ok = await chat_of(daemon).inject(update("short"), chat_id="c")
@@ -314,7 +423,7 @@ async def test_chat_keeps_working_while_the_broker_is_unreachable(tmp_path: Path
         await broker.bind_archive(names)
         proxy: Proxy = await nursery.start(Proxy().run)
         routes = TO_AMQP + '[[routes]]\nname = "echo"\nfrom = "chat"\nto = ["chat"]\n'
-        async with run_bridge(config(tmp_path, names, proxy.url, routes=routes)) as daemon:
+        async with connected_bridge(config(tmp_path, names, proxy.url, routes=routes)) as daemon:
             amqp, chat = amqp_of(daemon), chat_of(daemon)
             await until(amqp, lambda: amqp.health().ready)
             proxy.cut()
@@ -352,7 +461,7 @@ async def test_spooled_messages_survive_a_crash(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()  # no drain: a crash, as far as the spool knows
     async with open_broker() as broker:
         await broker.bind_archive(names)
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)):
+        async with connected_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)):
             got = await broker.read(names.archive, n)
     assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
 
@@ -392,7 +501,8 @@ async def test_spooled_messages_survive_sigkill(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "amqp" / "outbox.sqlite3").stat().st_size > 0
     async with open_broker() as broker:
         await broker.bind_archive(names)
-        async with run_bridge(config(tmp_path, names, broker_url(), routes=TO_AMQP)) as daemon:
+        cfg = config(tmp_path, names, broker_url(), routes=TO_AMQP)
+        async with connected_bridge(cfg) as daemon:
             got = await broker.read(names.archive, n)
             await until(amqp_of(daemon), lambda: amqp_of(daemon).spool_depth == 0)
     assert [b["message"][0]["text"] for b in bodies(got)] == [f"m{i}" for i in range(n)]
@@ -412,14 +522,16 @@ async def test_amqps_with_a_private_ca(tmp_path: Path) -> None:
         assert proxy.url.startswith("amqps://")
         trusted = config(tmp_path, names, proxy.url, routes=TO_CHAT,
                          amqp={"tls_ca_file": str(ca_file)})
-        async with run_bridge(trusted) as daemon:
+        async with connected_bridge(trusted) as daemon:
             await until(amqp_of(daemon), lambda: amqp_of(daemon).health().ready)
             await broker.publish(names.queue, notification("u", "over tls"))
             (msg,) = await received(chat_of(daemon), 1)
             assert msg.body["message"] == "over tls"
         untrusted = config(tmp_path, names, proxy.url, routes=TO_CHAT, state="untrusted")
-        async with run_bridge(untrusted) as daemon:
-            health = amqp_of(daemon).health()
+        async with connected_bridge(untrusted, connected=False) as daemon:
+            amqp = amqp_of(daemon)
+            await until(amqp, lambda: "CERTIFICATE" in amqp.health().detail)
+            health = amqp.health()
             assert not health.ready
             assert "CERTIFICATE_VERIFY_FAILED" in health.detail
         nursery.cancel_scope.cancel()
@@ -428,10 +540,75 @@ async def test_amqps_with_a_private_ca(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- lifecycle
 
 
+class SilentBroker:
+    """A TCP listener that accepts connections and never says a word (a hung broker)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.accepted = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[SilentBroker] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._hold, listeners)
+
+    async def _hold(self, stream: trio.SocketStream) -> None:
+        self.accepted.set()
+        async with stream:
+            await trio.sleep_forever()
+
+
+async def test_a_broker_that_refuses_the_login_gets_the_whole_backoff(tmp_path: Path) -> None:
+    """Its port accepts TCP, so the reconnect backoff is not cut short by the probe that
+    speeds up a return from an outage: the broker is not hammered."""
+    names = Names.make()
+    url = broker_url().replace("guest:guest@", "guest:not-the-password@")
+    cfg = config(tmp_path, names, url, amqp={"reconnect_initial_s": 8.0,
+                                             "reconnect_max_s": 8.0})
+    async with connected_bridge(cfg, connected=False) as daemon:
+        amqp = amqp_of(daemon)
+        await until(amqp, lambda: "ACCESS_REFUSED" in amqp.health().detail)
+        await trio.sleep(2.0)  # within the first pause (4-8 s): no second attempt
+        assert metric(daemon, "amqp_reconnects_total") == 0
+        assert not amqp.health().ready
+
+
+async def test_a_broker_that_never_answers_does_not_hold_up_the_chat(tmp_path: Path) -> None:
+    """The AMQP transport is listed first and its broker accepts TCP but never speaks: the
+    chat listens, echoes and spools while that first connection attempt still hangs."""
+    names = Names.make()
+    async with trio.open_nursery() as nursery:
+        silent: SilentBroker = await nursery.start(SilentBroker().run)
+        text = (HEAD.replace("[daemon]\n", f'[daemon]\nstate_dir = "{tmp_path.as_posix()}/s"\n')
+                + amqp_table("rabbit", names, broker_url(port=silent.port),
+                             connect_timeout_s=30.0)
+                + '[transports.chat]\ntype = "websocket"\nhost = "127.0.0.1"\nport = 0\n'
+                + '[[routes]]\nname = "chat-to-amqp"\nfrom = "chat"\nto = ["rabbit"]\n'
+                + '[[routes]]\nname = "chat-fanout"\nfrom = "chat"\nto = ["chat"]\n')
+        # Well under connect_timeout_s: before the fix the daemon started only after it.
+        with trio.fail_after(15):
+            async with run_bridge(write_config(tmp_path, text)) as daemon:
+                rabbit = cast(AmqpTransport, daemon.transports["rabbit"])
+                port = daemon.transports["chat"].port  # type: ignore[attr-defined]
+                async with client(port, "room") as ws:
+                    await ws.send_message(ws_update("first"))
+                    echo = await receive(ws)
+                    assert echo["message"][0]["text"] == "first"
+                    await silent.accepted.wait()
+                    # The order: the echo came while the first attempt still hangs.
+                    assert rabbit.health().detail == "not connected to the broker: not" \
+                                                     " connected yet"
+                    assert rabbit.spool_depth == 1  # and the event is in the outbox
+        nursery.cancel_scope.cancel()
+
+
+
 async def test_health_and_stop_accepting(tmp_path: Path) -> None:
     names = Names.make()
     cfg = config(tmp_path, names, broker_url(), routes=TO_CHAT)
-    async with open_broker() as broker, run_bridge(cfg) as daemon:
+    async with open_broker() as broker, connected_bridge(cfg) as daemon:
             amqp = amqp_of(daemon)
             assert amqp.health().ready
             assert (await broker.conn.queue_info(names.queue))[1] == 1

@@ -136,6 +136,13 @@ def test_rfc3339_refuses_what_is_not_a_zoned_date_time(bad: object) -> None:
         rfc3339_seconds(bad)
 
 
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59",
+                                    "9999-12-31T23:59:60Z"])
+def test_rfc3339_out_of_range_is_a_value_error_naming_the_range(moment: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        rfc3339_seconds(moment)
+
+
 def _notification(amqp_id: str = "", **body: object) -> Message:
     base: dict[str, object] = {"userId": "user-42", "message": "Your order shipped",
                                "timestamp": "2024-05-01T10:00:00Z"}
@@ -183,6 +190,7 @@ def test_notification_to_chat_without_enrichment_still_assigns_an_event_id() -> 
     ({"userId": ""}, "userId"),
     ({"message": 5}, "message"),
     ({"timestamp": "not a date"}, "timestamp"),
+    ({"timestamp": "0001-01-01T00:00:00+23:59"}, "timestamp"),
 ])
 def test_notification_that_cannot_be_mapped_is_a_contract_error(change: dict[str, Any],
                                                                 field: str) -> None:
