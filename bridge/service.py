@@ -21,13 +21,14 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import time
 from collections.abc import Iterable, Mapping
 
 import trio
 
-from .admin import AdminServer, Readiness, readiness
+from .admin import MAX_CONNECTIONS, AdminServer, Readiness, readiness
 from .config import Config
 from .daemon import Daemon
 from .reload import ReloadResult, reload_daemon
@@ -182,12 +183,48 @@ class Service:
             await trio.sleep(STARTUP_POLL_S if fast else READY_POLL_S)
 
 
+#: Descriptors the daemon needs besides its sockets' (databases, the broker, listeners, the
+#: interpreter's own files), for the estimate :func:`open_files_needed` makes.
+OPEN_FILES_RESERVE = 256
+
+
+def open_files_needed(config: Config) -> int:
+    """Descriptors the config's connection caps can use at once: every transport's
+    ``max_connections`` (when it has one), the admin listener's, and a reserve."""
+    sockets = sum(int(getattr(tc.settings, "max_connections", 0) or 0)
+                  for tc in config.transports.values())
+    return sockets + (MAX_CONNECTIONS if config.admin.enabled else 0) + OPEN_FILES_RESERVE
+
+
+def raise_open_file_limit(config: Config) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard one, as sd-daemon programs do (the soft
+    limit stays 1024 for select(2)'s sake unless a program raises it; trio uses epoll) and
+    warn when it is still below what the config's connection caps need. Returns the soft
+    limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, hard, e)
+        else:
+            log.info("open files: soft limit raised from %d to %d", soft, hard)
+            soft = hard
+    needed = open_files_needed(config)
+    if soft < needed:
+        log.warning("open files: the limit is %d, but the connection caps need about %d "
+                    "(LimitNOFILE= in the unit, or lower max_connections): past the limit "
+                    "new connections fail with EMFILE", soft, needed)
+    return soft
+
+
 def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
 async def run_service(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
     """Serve until SIGTERM or SIGINT (drain, return), reloading on SIGHUP."""
+    raise_open_file_limit(config)
     service = Service(config, extra_plugins=extra_plugins)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -140,3 +141,46 @@ def test_the_unit_file_rates_2_or_better() -> None:
                       "StateDirectory=bridged", "ConfigurationDirectory=bridged",
                       "LoadCredential="):
         assert re.search(rf"^{re.escape(directive)}", unit, re.M), directive
+
+
+def _proc_limit(pid: int, name: str) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name):
+            soft, hard = line[len(name):].split()[:2]
+            return int(soft), int(hard)
+    raise AssertionError(f"no {name} in /proc/{pid}/limits")
+
+
+async def test_the_daemon_raises_its_open_file_limit_and_warns_below_its_caps(
+        tmp_path: Path) -> None:
+    # systemd starts services with a soft limit of 1024 (and a higher hard one); below the
+    # caps, 1,200 sockets failed with EMFILE under the unit.
+    config = write_config(tmp_path, """
+[admin]
+port = 0
+[transports.ws]
+type = "websocket"
+port = 0
+max_connections = 5000
+""")
+    notify = await NotifySocket(abstract_name()).bind()
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    bridged = await start_bridged(config, notify, preexec=low_limits)
+    try:
+        with trio.fail_after(20):
+            await notify.until("READY")
+        assert _proc_limit(bridged.process.pid, "Max open files") == (2048, 2048)
+        lines = bridged.log_lines()
+        assert any("open files: soft limit raised from 256 to 2048" in line for line in lines)
+        assert any("open files: the limit is 2048, but the connection caps need about 5288"
+                   in line for line in lines), lines
+        bridged.signal(signal.SIGTERM)
+        assert await bridged.wait() == 0
+    finally:
+        notify.close()
+        if bridged.process.returncode is None:
+            bridged.process.kill()
+            await bridged.process.wait()
