@@ -126,7 +126,8 @@ def test_the_daemon_refusing_its_config_logs_at_error_priority(tmp_path: Path) -
                               check=False).returncode
     assert code == 1
     lines = stderr.read_text().splitlines()
-    assert lines and all(line.startswith("<3>ERROR   bridge: config: ") for line in lines), lines
+    assert lines
+    assert all(line.startswith("<3>ERROR   bridge: config: ") for line in lines), lines
     assert any("hop_limit" in line for line in lines)
 
 
