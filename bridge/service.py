@@ -31,7 +31,7 @@ import trio
 from .admin import MAX_CONNECTIONS, AdminServer, Readiness, readiness
 from .config import Config
 from .daemon import Daemon
-from .reload import ReloadResult, reload_daemon
+from .reload import RESULT_FILE, ReloadResult, reload_daemon, write_result
 from .sdnotify import Notifier
 from .transport import Health
 
@@ -102,8 +102,10 @@ class Service:
     async def reload(self) -> ReloadResult:
         """Reload now (waits for a reload in progress first)."""
         async with self._reload_lock:
+            started = time.monotonic_ns()
             if self.stop_requested:  # READY=1 after STOPPING=1 would confuse systemd
                 log.warning("reload ignored: the daemon is draining")
+                await self._write_result(None, started)
                 return ReloadResult(False, ["the daemon is draining"])
             announce = self.ready.is_set()
             if announce:
@@ -119,7 +121,16 @@ class Service:
                               "see the journal; running the previous config")
             if announce:
                 await self.notifier.ready(self.status())
+            await self._write_result(result, started)
             return result
+
+    async def _write_result(self, result: ReloadResult | None, started_ns: int) -> None:
+        """The outcome, for ``bridged reload`` (never fails the reload)."""
+        state_dir = self.daemon.config.daemon.state_dir
+        try:
+            await trio.to_thread.run_sync(write_result, state_dir, result, started_ns)
+        except OSError as e:
+            log.warning("reload: cannot write %s in %s: %s", RESULT_FILE, state_dir, e)
 
     async def stop(self) -> None:
         """Begin the graceful drain (idempotent)."""
