@@ -76,7 +76,9 @@ class Service:
         return out
 
     def readiness(self) -> Readiness:
-        return readiness(self.health() if self.serving else None,
+        # While the transports start (the broker's first connection attempt), /readyz
+        # names each with what it reports so far.
+        return readiness(self.health(), starting=not self.serving,
                          stopping=self.stop_requested or self.daemon.stopping,
                          was_ready=self._was_ready)
 
