@@ -121,7 +121,7 @@ def request_and_wait(pid: int, state_dir: Path, timeout_s: float, *,
         entry = read_result(state_dir)
         if entry is not None and int(entry.get("started_ns", 0)) >= sent:
             code = {"applied": RELOAD_APPLIED, "refused": RELOAD_REFUSED}.get(
-                entry.get("outcome"), RELOAD_NO_OUTCOME)
+                str(entry.get("outcome")), RELOAD_NO_OUTCOME)
             return code, "\n".join([*entry.get("errors", []), str(entry.get("summary"))])
         try:
             os.kill(pid, 0)
