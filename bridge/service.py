@@ -12,7 +12,8 @@
    ``TimeoutStartSec=``. Afterwards ``STATUS=`` keeps following the transports
    ("degraded: waiting for amqp: reconnecting") without a new READY;
 4. SIGHUP: ``RELOADING=1``, :func:`bridge.reload.reload_daemon`, ``READY=1`` with a
-   ``STATUS=`` saying whether the new config was applied or refused. Signals arriving
+   ``STATUS=`` saying whether the new config was applied or refused, then the outcome in
+   ``<state_dir>/reload-result.json`` (what ``bridged reload`` waits for). Signals arriving
    during a reload coalesce into one more reload (a channel of size 1);
 5. SIGTERM/SIGINT: ``STOPPING=1``, then the daemon's drain (bounded by
    ``drain_timeout_s``); the process exits 0. A second signal during the drain stops at once.
