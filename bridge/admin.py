@@ -75,12 +75,17 @@ class Readiness:
 
 
 def readiness(health: Mapping[str, Health] | None, *, stopping: bool = False,
-              was_ready: bool = False) -> Readiness:
-    """The readiness of a daemon whose transports report ``health`` (None: not started)."""
+              was_ready: bool = False, starting: bool = False) -> Readiness:
+    """The readiness of a daemon whose transports report ``health`` (None: not known yet).
+    ``starting``: the transports are still starting (not ready whatever they report)."""
     if health is None:
         return Readiness(False, "starting", {})
     if stopping:
         return Readiness(False, "draining", health)
+    if starting:
+        return Readiness(False, "starting",
+                         {n: h if not h.ready else Health(False, "starting")
+                          for n, h in health.items()})
     ready = all(h.ready for h in health.values())
     state = "serving" if ready else ("degraded" if was_ready else "starting")
     return Readiness(ready, state, health)

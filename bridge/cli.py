@@ -2,8 +2,10 @@
 
 Exit codes: 0 success; 1 the config is not valid (every error printed as file:line: key:
 problem); 2 wrong usage; 3 the daemon failed at run time (a port in use, a plugin that
-failed to start). SIGTERM and SIGINT drain and exit 0. Warnings about a config that is valid
-but unwise (a development secret) go to stderr and do not change the exit code.
+failed to start). SIGTERM and SIGINT drain and exit 0. ``bridged reload``: 0 the new config
+is in effect, 1 it was refused, 3 no outcome (no daemon, no answer in time, draining).
+Warnings about a config that is valid but unwise (a development secret) go to stderr and do
+not change the exit code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -60,6 +63,12 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, enabled ones, their hooks")
     plugins.add_argument("-c", "--config", help="show what this config enables")
     plugins.add_argument("--json", action="store_true")
+    reload = sub.add_parser("reload", help="reload a running daemon and wait for the outcome: "
+                            "exit 0 applied, 1 refused, 3 no outcome")
+    reload.add_argument("--pid", type=int, required=True, help="the daemon ($MAINPID)")
+    reload.add_argument("--state-dir", default=os.environ.get("STATE_DIRECTORY"),
+                        help="its [daemon] state_dir (default: $STATE_DIRECTORY)")
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the topology")
     asyncapi.add_argument("-c", "--config", required=True)
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
@@ -156,6 +165,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except* Exception:
         log.exception("bridged stopped on an error")
         code = EXIT_RUNTIME
+    return code
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to ``--pid``, then wait for the outcome the daemon writes in its state dir."""
+    from pathlib import Path
+
+    from .reload import RELOAD_USAGE, request_and_wait
+
+    if not args.state_dir:
+        print("bridged reload: give --state-dir (or set $STATE_DIRECTORY)", file=sys.stderr)
+        return RELOAD_USAGE
+    code, report = request_and_wait(args.pid, Path(args.state_dir), args.timeout)
+    print(report, file=sys.stdout if code == EXIT_OK else sys.stderr)
     return code
 
 

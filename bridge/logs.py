@@ -2,16 +2,23 @@
 
 Chat text and secrets are never passed to log calls at info level or above: log message
 ids, chat ids and reasons, not bodies.
+
+When standard error is the journal (``$JOURNAL_STREAM`` names stderr's device and inode,
+as systemd sets it for ``StandardError=journal``), every line starts with the record's
+syslog priority, ``<N>`` (sd-daemon(3)): journald strips it and stores ``PRIORITY=N``,
+so that ``journalctl -p err`` finds the errors. The text format then leaves out its own
+timestamp, since the journal stamps every line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
 
 # Attributes every record has (or gets from other formatters): not repeated as extra fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -38,15 +45,62 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s",
-                         "%Y-%m-%dT%H:%M:%S")
+    def __init__(self, *, timestamp: bool = True) -> None:
+        stamp = "%(asctime)s.%(msecs)03dZ " if timestamp else ""
+        super().__init__(stamp + "%(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
         self.converter = time.gmtime
 
 
-def setup_logging(fmt: str = "text", level: str = "info") -> None:
+def syslog_priority(levelno: int) -> int:
+    """The sd-daemon(3) priority of a logging level: DEBUG 7, INFO 6, WARNING 4, ERROR 3,
+    CRITICAL 2 (levels between two of these get the more severe one's)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Wraps a formatter: every line of its output (a traceback's too) starts with ``<N>``."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def stderr_is_journal(stream: TextIO | None = None,
+                      environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` (default: stderr) is the journal stream that ``$JOURNAL_STREAM``
+    (``DEVICE:INODE``) names; a redirected stderr in a child keeps the variable but not the
+    stream, so both must match."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        st = os.fstat((sys.stderr if stream is None else stream).fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):  # no such variable, no descriptor
+        return False
+
+
+def setup_logging(fmt: str = "text", level: str = "info", *,
+                  environ: Mapping[str, str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter
+    if stderr_is_journal(sys.stderr, environ):
+        formatter = JournalFormatter(JsonFormatter() if fmt == "json"
+                                     else TextFormatter(timestamp=False))
+    else:
+        formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

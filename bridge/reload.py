@@ -22,14 +22,24 @@ plugins enabled/disabled   the reload is refused (restart to apply); nothing cha
 What did not apply stays as it was in :attr:`Daemon.config`, so the next reload reports it
 again. Logs name what changed (route and field names), never values: a field may be a
 secret.
+
+Every reload's outcome is also written to ``<state_dir>/reload-result.json`` (see
+:func:`write_result`), so that ``bridged reload`` (the unit's ``ExecReload=``) can send
+SIGHUP and wait for the outcome of a reload that began after its signal: ``systemctl
+reload`` then returns once the new config is in effect, and fails when it was refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -66,6 +76,62 @@ class ReloadResult:
         if self.needs_restart:
             parts.append(f"{len(self.needs_restart)} need a restart")
         return ", ".join(parts)
+
+
+#: The file in the state directory that holds the last reload's outcome.
+RESULT_FILE = "reload-result.json"
+#: ``bridged reload`` exit codes: applied, refused (the config is not valid), wrong usage,
+#: no outcome (no daemon, no answer in time, or the daemon is draining).
+RELOAD_APPLIED, RELOAD_REFUSED, RELOAD_USAGE, RELOAD_NO_OUTCOME = 0, 1, 2, 3
+
+
+def write_result(state_dir: Path, result: ReloadResult | None, started_ns: int) -> None:
+    """Write a reload's outcome atomically (a temporary file renamed over the last one).
+    ``started_ns`` is ``time.monotonic_ns()`` when the reload began (after the signal that
+    asked for it); ``result`` None means it was ignored (the daemon is draining)."""
+    outcome = "ignored" if result is None else "applied" if result.ok else "refused"
+    entry = {"started_ns": started_ns, "outcome": outcome,
+             "summary": "the daemon is draining" if result is None else result.summary(),
+             "errors": [] if result is None else result.errors}
+    path = Path(state_dir) / RESULT_FILE
+    tmp = path.with_name(f".{RESULT_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(entry) + "\n")
+    os.replace(tmp, path)
+
+
+def read_result(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        entry: dict[str, Any] = json.loads((Path(state_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry
+
+
+def request_and_wait(pid: int, state_dir: Path, timeout_s: float, *,
+                     poll_s: float = 0.02) -> tuple[int, str]:
+    """Send SIGHUP to ``pid`` and wait for the outcome of a reload that began after it:
+    (an exit code of ``bridged reload``, a line for the operator)."""
+    sent = time.monotonic_ns()
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        return RELOAD_NO_OUTCOME, f"cannot signal pid {pid}: {e.strerror}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = read_result(state_dir)
+        if entry is not None and int(entry.get("started_ns", 0)) >= sent:
+            code = {"applied": RELOAD_APPLIED, "refused": RELOAD_REFUSED}.get(
+                str(entry.get("outcome")), RELOAD_NO_OUTCOME)
+            return code, "\n".join([*entry.get("errors", []), str(entry.get("summary"))])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return RELOAD_NO_OUTCOME, f"pid {pid} exited before reporting the reload"
+        except PermissionError:
+            pass
+        time.sleep(poll_s)  # a plain CLI process; the daemon is not waiting on us
+    return RELOAD_NO_OUTCOME, (f"no reload outcome in {Path(state_dir) / RESULT_FILE} within "
+                               f"{timeout_s:g} s (is it the daemon's [daemon] state_dir?)")
 
 
 def changed_fields(old: Any, new: Any) -> list[str]:

@@ -12,7 +12,8 @@
    ``TimeoutStartSec=``. Afterwards ``STATUS=`` keeps following the transports
    ("degraded: waiting for amqp: reconnecting") without a new READY;
 4. SIGHUP: ``RELOADING=1``, :func:`bridge.reload.reload_daemon`, ``READY=1`` with a
-   ``STATUS=`` saying whether the new config was applied or refused. Signals arriving
+   ``STATUS=`` saying whether the new config was applied or refused, then the outcome in
+   ``<state_dir>/reload-result.json`` (what ``bridged reload`` waits for). Signals arriving
    during a reload coalesce into one more reload (a channel of size 1);
 5. SIGTERM/SIGINT: ``STOPPING=1``, then the daemon's drain (bounded by
    ``drain_timeout_s``); the process exits 0. A second signal during the drain stops at once.
@@ -21,16 +22,17 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import time
 from collections.abc import Iterable, Mapping
 
 import trio
 
-from .admin import AdminServer, Readiness, readiness
+from .admin import MAX_CONNECTIONS, AdminServer, Readiness, readiness
 from .config import Config
 from .daemon import Daemon
-from .reload import ReloadResult, reload_daemon
+from .reload import RESULT_FILE, ReloadResult, reload_daemon, write_result
 from .sdnotify import Notifier
 from .transport import Health
 
@@ -81,7 +83,9 @@ class Service:
         return out
 
     def readiness(self) -> Readiness:
-        return readiness(self.health() if self.serving else None,
+        # While the transports start (the broker's first connection attempt), /readyz
+        # names each with what it reports so far.
+        return readiness(self.health(), starting=not self.serving,
                          stopping=self.stop_requested or self.daemon.stopping,
                          was_ready=self._was_ready)
 
@@ -107,8 +111,10 @@ class Service:
     async def reload(self) -> ReloadResult:
         """Reload now (waits for a reload in progress first)."""
         async with self._reload_lock:
+            started = time.monotonic_ns()
             if self.stop_requested:  # READY=1 after STOPPING=1 would confuse systemd
                 log.warning("reload ignored: the daemon is draining")
+                await self._write_result(None, started)
                 return ReloadResult(False, ["the daemon is draining"])
             announce = self.ready.is_set()
             if announce:
@@ -124,7 +130,16 @@ class Service:
                               "see the journal; running the previous config")
             if announce:
                 await self.notifier.ready(self.status())
+            await self._write_result(result, started)
             return result
+
+    async def _write_result(self, result: ReloadResult | None, started_ns: int) -> None:
+        """The outcome, for ``bridged reload`` (never fails the reload)."""
+        state_dir = self.daemon.config.daemon.state_dir
+        try:
+            await trio.to_thread.run_sync(write_result, state_dir, result, started_ns)
+        except OSError as e:
+            log.warning("reload: cannot write %s in %s: %s", RESULT_FILE, state_dir, e)
 
     async def stop(self) -> None:
         """Begin the graceful drain (idempotent)."""
@@ -188,12 +203,48 @@ class Service:
             await trio.sleep(STARTUP_POLL_S if fast else READY_POLL_S)
 
 
+#: Descriptors the daemon needs besides its sockets' (databases, the broker, listeners, the
+#: interpreter's own files), for the estimate :func:`open_files_needed` makes.
+OPEN_FILES_RESERVE = 256
+
+
+def open_files_needed(config: Config) -> int:
+    """Descriptors the config's connection caps can use at once: every transport's
+    ``max_connections`` (when it has one), the admin listener's, and a reserve."""
+    sockets = sum(int(getattr(tc.settings, "max_connections", 0) or 0)
+                  for tc in config.transports.values())
+    return sockets + (MAX_CONNECTIONS if config.admin.enabled else 0) + OPEN_FILES_RESERVE
+
+
+def raise_open_file_limit(config: Config) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard one, as sd-daemon programs do (the soft
+    limit stays 1024 for select(2)'s sake unless a program raises it; trio uses epoll) and
+    warn when it is still below what the config's connection caps need. Returns the soft
+    limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, hard, e)
+        else:
+            log.info("open files: soft limit raised from %d to %d", soft, hard)
+            soft = hard
+    needed = open_files_needed(config)
+    if soft < needed:
+        log.warning("open files: the limit is %d, but the connection caps need about %d "
+                    "(LimitNOFILE= in the unit, or lower max_connections): past the limit "
+                    "new connections fail with EMFILE", soft, needed)
+    return soft
+
+
 def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
 async def run_service(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
     """Serve until SIGTERM or SIGINT (drain, return), reloading on SIGHUP."""
+    raise_open_file_limit(config)
     service = Service(config, extra_plugins=extra_plugins)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:

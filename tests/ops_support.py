@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -171,9 +171,10 @@ def _log_file(path: Path) -> Iterator[int]:
 async def start_bridged(config: Path, notify: NotifySocket, *,
                         extra_env: dict[str, str] | None = None,
                         pythonpath: Sequence[Path] = (), args: Sequence[str] = (),
-                        log_name: str = "bridged.stderr") -> Bridged:
+                        log_name: str = "bridged.stderr",
+                        preexec: Callable[[], None] | None = None) -> Bridged:
     """Start the daemon; ``args`` are appended to ``run -c CONFIG``, its stderr goes to
-    ``log_name`` beside the config."""
+    ``log_name`` beside the config; ``preexec`` runs in the child before the exec."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["NOTIFY_SOCKET"] = notify.name
@@ -183,5 +184,6 @@ async def start_bridged(config: Path, notify: NotifySocket, *,
     with _log_file(log_path) as fd:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "bridge", "run", "-c", str(config), *args],
-            env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=str(config.parent))
+            env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=str(config.parent),
+            preexec_fn=preexec)
     return Bridged(process, log_path)

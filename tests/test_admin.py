@@ -216,3 +216,43 @@ async def test_connections_over_the_cap_get_503(config: Config) -> None:
         await trio.testing.wait_all_tasks_blocked()
         status, _, _ = await http(port, "/healthz")
         assert status == 200  # slots are given back
+
+
+async def test_readyz_names_the_transports_while_they_start(tmp_path: Path) -> None:
+    # A "broker" that accepts and never answers holds the amqp transport in its first
+    # connection attempt, so the daemon is starting: /readyz answered "transports":{} then.
+    connecting = trio.Event()
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            connecting.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, hold, 0)
+        port = listeners[0].socket.getsockname()[1]
+        config = load_config(write_config(tmp_path, f"""
+[admin]
+port = 0
+[transports.rabbit]
+type = "amqp"
+url = "amqp://guest:guest@127.0.0.1:{port}/"
+connect_timeout_s = 30
+[transports.a]
+type = "memory"
+"""))
+        service = Service(config, environ={})
+        nursery.start_soon(service.run)
+        assert service.admin is not None
+        with trio.fail_after(10):
+            await connecting.wait()  # the admin listener binds before transports start
+        assert service.admin.port is not None
+        status, _, body = await http(service.admin.port, "/readyz")
+        assert not service.serving
+        state = json.loads(body)
+        assert status == 503
+        assert state["state"] == "starting"
+        assert set(state["transports"]) == {"rabbit", "a"}
+        assert state["not_ready"]["a"] == "not started"  # started after rabbit
+        assert state["not_ready"]["rabbit"].startswith("not connected to the broker")
+        nursery.cancel_scope.cancel()

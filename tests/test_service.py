@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -135,8 +137,102 @@ def test_the_unit_file_rates_2_or_better() -> None:
     assert score is not None
     assert float(score.group(1)) <= 2.0
     unit = (REPO / "systemd" / "bridged.service").read_text()
-    for directive in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "ExecStartPre=",
-                      "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+    for directive in ("Type=notify", "NotifyAccess=main", "WatchdogSec=",
+                      "ExecReload=/usr/local/bin/bridged reload --pid $MAINPID",
+                      "Restart=on-failure", "RestartPreventExitStatus=1 2", "LimitNOFILE=",
                       "StateDirectory=bridged", "ConfigurationDirectory=bridged",
                       "LoadCredential="):
         assert re.search(rf"^{re.escape(directive)}", unit, re.M), directive
+    # RestartPreventExitStatus= does not apply to ExecStartPre=: its exit 1 looped for ever
+    assert not re.search(r"^ExecStartPre=", unit, re.M)
+
+
+def _proc_limit(pid: int, name: str) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name):
+            soft, hard = line[len(name):].split()[:2]
+            return int(soft), int(hard)
+    raise AssertionError(f"no {name} in /proc/{pid}/limits")
+
+
+async def test_the_daemon_raises_its_open_file_limit_and_warns_below_its_caps(
+        tmp_path: Path) -> None:
+    # systemd starts services with a soft limit of 1024 (and a higher hard one); below the
+    # caps, 1,200 sockets failed with EMFILE under the unit.
+    config = write_config(tmp_path, """
+[admin]
+port = 0
+[transports.ws]
+type = "websocket"
+port = 0
+max_connections = 5000
+""")
+    notify = await NotifySocket(abstract_name()).bind()
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    bridged = await start_bridged(config, notify, preexec=low_limits)
+    try:
+        with trio.fail_after(20):
+            await notify.until("READY")
+        assert _proc_limit(bridged.process.pid, "Max open files") == (2048, 2048)
+        lines = bridged.log_lines()
+        assert any("open files: soft limit raised from 256 to 2048" in line for line in lines)
+        assert any("open files: the limit is 2048, but the connection caps need about 5288"
+                   in line for line in lines), lines
+        bridged.signal(signal.SIGTERM)
+        assert await bridged.wait() == 0
+    finally:
+        notify.close()
+        if bridged.process.returncode is None:
+            bridged.process.kill()
+            await bridged.process.wait()
+
+
+async def _bridged_reload(pid: int, state_dir: Path) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "bridge", "reload", "--pid", str(pid), "--state-dir",
+         str(state_dir), "--timeout", "20"], capture_stdout=True, capture_stderr=True,
+        check=False)
+
+
+async def test_bridged_reload_returns_once_applied_and_fails_on_a_refused_config(
+        tmp_path: Path) -> None:
+    # What ExecReload= runs: `systemctl reload` returned before the daemon applied anything,
+    # and exited 0 on a refused config.
+    config = write_config(tmp_path, TWO_ROUTES)
+    notify = await NotifySocket(abstract_name()).bind()
+    bridged = await start_bridged(config, notify)
+    try:
+        with trio.fail_after(20):
+            await notify.until("READY")
+        pid, state_dir = bridged.process.pid, tmp_path / "state"
+
+        config.write_text(config.read_text().replace('to = ["b"]', 'to = ["c"]'))
+        with trio.fail_after(30):
+            good = await _bridged_reload(pid, state_dir)
+        assert good.returncode == 0, good.stderr
+        assert b"1 change(s) applied" in good.stdout
+        # it returned after the daemon applied and logged the change, not before
+        applied = [line for line in bridged.log_lines() if "reload: applied: route to-b" in line]
+        assert len(applied) == 1
+
+        config.write_text(config.read_text() + "\n[admni]\nport = 1\n")  # a typo
+        with trio.fail_after(30):
+            bad = await _bridged_reload(pid, state_dir)
+        assert bad.returncode == 1
+        assert b"admni" in bad.stderr
+        assert b"reload refused (1 error(s)); running the previous config" in bad.stderr
+
+        bridged.signal(signal.SIGTERM)
+        assert await bridged.wait() == 0
+        with trio.fail_after(30):
+            gone = await _bridged_reload(pid, state_dir)
+        assert gone.returncode == 3
+        assert f"cannot signal pid {pid}".encode() in gone.stderr
+    finally:
+        notify.close()
+        if bridged.process.returncode is None:
+            bridged.process.kill()
+            await bridged.process.wait()
