@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import trio.testing
 from ops_support import http, read_response, running_service, use_opsplug
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge import TransportContext, TransportType, hookimpl
 from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
 from bridge.config import Config, load_config
 from bridge.service import Service
 from bridge.testing import MEMORY_AB, write_config
 from bridge.transport import Health
+from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 ROUTED = """
 [admin]
@@ -218,41 +221,57 @@ async def test_connections_over_the_cap_get_503(config: Config) -> None:
         assert status == 200  # slots are given back
 
 
+class Gate(MemoryTransport):
+    """A transport that starts only once the test opens :data:`GATE` (a broker's first
+    connection attempt once held the daemon in "starting" like this)."""
+
+    async def run(self, ctx: TransportContext, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        GATE.starting.set()
+        await GATE.open.wait()
+        await super().run(ctx, task_status=task_status)
+
+    def health(self) -> Health:
+        return Health(GATE.open.is_set(), "" if GATE.open.is_set() else "waiting at the gate")
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.starting = trio.Event()
+        self.open = trio.Event()
+
+    @hookimpl
+    def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:
+        register(TransportType("gate", MemorySettings, Gate))
+
+
+GATE = _Gate()
+
+
 async def test_readyz_names_the_transports_while_they_start(tmp_path: Path) -> None:
-    # A "broker" that accepts and never answers holds the amqp transport in its first
-    # connection attempt, so the daemon is starting: /readyz answered "transports":{} then.
-    connecting = trio.Event()
-
-    async def hold(stream: trio.SocketStream) -> None:
-        async with stream:
-            connecting.set()
-            await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, hold, 0)
-        port = listeners[0].socket.getsockname()[1]
-        config = load_config(write_config(tmp_path, f"""
+    # While a transport starts, the daemon is starting: /readyz answered "transports":{} then.
+    config = load_config(write_config(tmp_path, """
 [admin]
 port = 0
-[transports.rabbit]
-type = "amqp"
-url = "amqp://guest:guest@127.0.0.1:{port}/"
-connect_timeout_s = 30
+[transports.slow]
+type = "gate"
 [transports.a]
 type = "memory"
-"""))
-        service = Service(config, environ={})
+"""), extra_plugins=[GATE])
+    async with trio.open_nursery() as nursery:
+        service = Service(config, environ={}, extra_plugins=[GATE])
         nursery.start_soon(service.run)
-        assert service.admin is not None
         with trio.fail_after(10):
-            await connecting.wait()  # the admin listener binds before transports start
+            await GATE.starting.wait()  # the admin listener binds before transports start
+        assert service.admin is not None
         assert service.admin.port is not None
         status, _, body = await http(service.admin.port, "/readyz")
         assert not service.serving
         state = json.loads(body)
         assert status == 503
         assert state["state"] == "starting"
-        assert set(state["transports"]) == {"rabbit", "a"}
-        assert state["not_ready"]["a"] == "not started"  # started after rabbit
-        assert state["not_ready"]["rabbit"].startswith("not connected to the broker")
+        assert set(state["transports"]) == {"slow", "a"}
+        assert state["not_ready"]["a"] == "not started"  # started after slow
+        assert state["not_ready"]["slow"] == "waiting at the gate"
+        GATE.open.set()
         nursery.cancel_scope.cancel()
