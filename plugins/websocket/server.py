@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from trio_websocket import (
     WebSocketRequest,
     wrap_server_stream,
 )
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from bridge import (
     CHAT_EVENT,
@@ -333,6 +336,7 @@ class WebSocketTransport:
                 await self._refuse(request, e)
                 return
             connection = await request.accept(subprotocol=chat.subprotocol)
+            stream.farewell = partial(_unsent_close, connection)
             if sock.code is None:
                 scope.deadline = math.inf  # the handshake is done
             expires_at = _expires_at(identity)
@@ -518,6 +522,26 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
     finally:
         await stream.release()
     return sequence, last
+
+
+def _unsent_close(connection: WebSocketConnection) -> bytes:
+    """The close frame of a protocol error found in the client's frames, if it is not sent.
+
+    On a frame that breaks RFC 6455 (unmasked, a reserved bit or opcode, a control frame over
+    125 bytes, a stray continuation, a bad close code) or text that is not UTF-8, wsproto
+    reports a close with 1002 or 1007 and the reason, but leaves the connection ``OPEN``:
+    trio-websocket 0.12 then marks the WebSocket closed with that code and closes the TCP
+    stream without sending the frame, and the client would see 1006. The stream asks this
+    when it closes: a WebSocket that is closed while wsproto still says ``OPEN`` sent no
+    close frame and received none, so its code and reason go out now. (trio-websocket keeps
+    the wsproto connection in ``_wsproto``; tests/test_websocket_closes.py fails if that
+    changes.)"""
+    closed = connection.closed
+    protocol = getattr(connection, "_wsproto", None)
+    if closed is None or protocol is None or protocol.state is not ConnectionState.OPEN:
+        return b""
+    data: bytes = protocol.send(CloseConnection(closed.code, close_reason(closed.reason or "")))
+    return data
 
 
 def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
