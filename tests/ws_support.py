@@ -239,9 +239,18 @@ def update(*texts: str, **item: Any) -> str:
                       ensure_ascii=False)
 
 
-async def raw_upgrade(port: int, resource: str = "/v1/chats/room") -> trio.SocketStream:
-    """A plain TCP stream that has completed the opening handshake (101)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+async def raw_upgrade(port: int, resource: str = "/v1/chats/room", *,
+                      rcvbuf: int | None = None) -> trio.SocketStream:
+    """A plain TCP stream that has completed the opening handshake (101); with ``rcvbuf``,
+    its ``SO_RCVBUF`` is set before it connects (a small one makes a frozen reader's TCP
+    window fill fast)."""
+    if rcvbuf is None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    else:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
     await stream.send_all(
         f"GET {resource} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

@@ -9,8 +9,9 @@ and a socket whose queue is full is closed with 1013 (the client resumes with ``
 
 Every close goes through :meth:`_Socket.close`: it records the code and reason, stops the
 queue, and gives the connection ``close_timeout_s`` to finish; the writer sends the close
-frame once the frame it may be sending is complete (a frame is never cut in half).
-"""
+frame once the frame it may be sending is complete (a frame is never cut in half). A close
+that does not finish in time (a client that stopped reading: the close frame cannot leave a
+full TCP buffer) is cut, and counted like the others (:func:`_count_close`)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge_plugins.websocket")
 
 # Close codes (RFC 6455 §7.4.1 and the IANA registry).
-NORMAL, GOING_AWAY, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
-    1000, 1001, 1007, 1008, 1009, 1011, 1013)
+NORMAL, GOING_AWAY, ABNORMAL, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
+    1000, 1001, 1006, 1007, 1008, 1009, 1011, 1013)
 #: Private-use close code (docs/security.md): the handshake's credentials have expired.
 EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
@@ -310,6 +311,7 @@ class WebSocketTransport:
         ctx = self._ctx_()
         s = self.settings
         sock: _Socket | None = None
+        connection: WebSocketConnection | None = None
         try:
             try:  # in the order of docs/security.md: caps, path and query, Origin, auth
                 if self._connections > s.max_connections:
@@ -348,11 +350,11 @@ class WebSocketTransport:
                 await self._read(ctx, sock, connection, identity, expires_at)
                 if sock.code is None:  # the client went away: nothing more to send
                     nursery.cancel_scope.cancel()
-            code = sock.code or (connection.closed.code if connection.closed else NORMAL)
-            ctx.count("socket_closes_total", code=str(code))
         finally:
             if sock is not None:
                 self._unregister(sock)
+                if connection is not None:
+                    _count_close(ctx, sock, connection)
 
     def _framer(self, ctx: TransportContext, encoding: str) -> Framer:
         """The framer of ``encoding`` (one per codec: framers keep no per-socket state)."""
@@ -522,6 +524,19 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
     finally:
         await stream.release()
     return sequence, last
+
+
+def _count_close(ctx: TransportContext, sock: _Socket, connection: WebSocketConnection
+                 ) -> None:
+    """Count an accepted socket's close in ``socket_closes_total{code}``, by the code the
+    server sent or tried to send, else the client's, and in ``socket_closes_cut_total{code}``
+    as well when it was cut after ``close_timeout_s`` (or at shutdown) before the close
+    finished: that client most likely got no close frame and saw 1006."""
+    closed = connection.closed
+    code = sock.code or (closed.code if closed is not None else ABNORMAL)
+    ctx.count("socket_closes_total", code=str(code))
+    if trio.current_effective_deadline() == -math.inf:  # here because the scope was cancelled
+        ctx.count("socket_closes_cut_total", code=str(code))
 
 
 def _unsent_close(connection: WebSocketConnection) -> bytes:
