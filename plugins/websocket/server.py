@@ -70,6 +70,10 @@ SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequen
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
 #: Queued frames a socket's writer sends in one system call, at most.
 WRITE_BATCH = 64
+#: Bytes a writer sends in one system call, at most (but one frame at least). A close frame
+#: waits behind the write in flight, so this also bounds what a slow reader must drain
+#: before its 1013 frame, beside what the kernel holds (docs/websocket.md).
+WRITE_BATCH_BYTES = 16 * 1024
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
@@ -466,7 +470,8 @@ class WebSocketTransport:
                      replayed: Sequence[Message], done: trio.CancelScope) -> None:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
         the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
-        together go out in one system call, up to :data:`WRITE_BATCH`."""
+        together go out in one system call, up to :data:`WRITE_BATCH` frames and
+        :data:`WRITE_BATCH_BYTES`."""
         framer = sock.framer
         sequence = 0
         last = ""  # the last replayed event: live copies up to it were sent already
@@ -508,8 +513,9 @@ class WebSocketTransport:
 async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
                 frames: Sequence[tuple[str, Any]], sequence: int, last: str, *,
                 replay: bool = False) -> tuple[int, str]:
-    """Send ``(event_id, prepared)`` frames in one write: live ones only when newer than
-    the last replayed event ``last``. The sequence and the last replayed id afterwards.
+    """Send ``(event_id, prepared)`` frames in one write (one per
+    :data:`WRITE_BATCH_BYTES`): live ones only when newer than the last replayed event
+    ``last``. The sequence and the last replayed id afterwards.
     (A function, not a closure in ``_write``: a closure per socket costs memory.)"""
     stream.hold()
     try:
@@ -521,6 +527,9 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
                 sequence += 1
                 if replay:
                     last = event_id
+                if stream.held_bytes >= WRITE_BATCH_BYTES:
+                    await stream.release()
+                    stream.hold()
     finally:
         await stream.release()
     return sequence, last

@@ -25,10 +25,11 @@ import trio
 class HeldStream(trio.abc.Stream):
     """Wraps ``inner``: :meth:`hold`, let trio-websocket write, then :meth:`release`."""
 
-    __slots__ = ("_held", "_releasing", "farewell", "inner")
+    __slots__ = ("_held", "_releasing", "farewell", "held_bytes", "inner")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
+        self.held_bytes = 0  # written since the last hold()
         #: Asked on :meth:`aclose`: the last bytes to send before the stream closes (a close
         #: frame nobody sent yet), or ``b""``.
         self.farewell: Callable[[], bytes] | None = None
@@ -39,6 +40,7 @@ class HeldStream(trio.abc.Stream):
         """Keep what is written from now on, until :meth:`release`."""
         if self._held is None:
             self._held = []
+            self.held_bytes = 0
 
     async def release(self) -> None:
         """Send what was held, in one ``send_all`` (and what arrives meanwhile, in the next),
@@ -58,6 +60,7 @@ class HeldStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
             self._held.append(bytes(data))
+            self.held_bytes += len(data)
             return
         await self.inner.send_all(data)
 
