@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import json
 import statistics
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 from ws_support import (
     MemoryHistory,
     chat_bridge,
     client,
+    client_frame,
     closed_with,
     eventually,
     raw_handshake,
     raw_upgrade,
     receive,
+    server_frames,
     update,
     vanish,
 )
@@ -71,6 +75,38 @@ async def test_invalid_msgpack_closes_1007(tmp_path: Path) -> None:
         _, code, reason = await closed_with(ws)
     assert code == 1007
     assert "msgpack" in reason
+
+
+# Frames that break RFC 6455 itself, which wsproto finds before the transport sees a message.
+BAD_FRAMES = {
+    "unmasked": (client_frame(0x1, b'{"type": "heartbeat"}', masked=False), 1002),
+    "RSV1 set": (client_frame(0x1, b'{"type": "heartbeat"}', rsv1=True), 1002),
+    "opcode 3": (client_frame(0x3, b"x"), 1002),
+    "200-byte ping": (client_frame(0x9, b"p" * 200), 1002),
+    "leading continuation": (client_frame(0x0, b"x"), 1002),
+    "close code 999": (client_frame(0x8, struct.pack("!H", 999) + b"bye"), 1002),
+    "invalid UTF-8 in a text frame": (client_frame(0x1, b'{"type": "\xff"}'), 1007),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FRAMES)
+async def test_a_protocol_error_gets_its_close_frame_before_the_tcp_close(
+        tmp_path: Path, kind: str) -> None:
+    frame, expected = BAD_FRAMES[kind]
+    async with chat_bridge(tmp_path) as b, client(b.port) as good:
+        for round_ in range(3):  # the same every time, and the server carries on
+            bad = await raw_upgrade(b.port)
+            async with bad:
+                await bad.send_all(frame)
+                frames, code, reason = await server_frames(bad)
+                assert await bad.receive_some() == b""  # then the server closes TCP
+            assert (frames, code) == ([], expected), (kind, frames, code, reason)
+            assert reason  # wsproto's words, e.g. "Received an unmasked frame from client"
+            closes = round_ + 1
+            await eventually(lambda: b.metric("socket_closes_total", code=str(expected))
+                             == closes)  # noqa: B023  (awaited here, in the same round)
+        await good.send_message(update("unaffected"))
+        assert (await receive(good))["message"][0]["text"] == "unaffected"
 
 
 async def test_a_frame_that_is_not_an_object_closes_1008(tmp_path: Path) -> None:

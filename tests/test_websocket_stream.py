@@ -12,6 +12,7 @@ import trio.testing
 from ws_support import chat_bridge, client, receive
 
 from bridge import hookimpl
+from bridge_plugins.websocket.server import WRITE_BATCH_BYTES
 from bridge_plugins.websocket.stream import HeldStream
 
 
@@ -114,6 +115,31 @@ async def test_a_burst_arrives_whole_in_few_writes(tmp_path: Path,
     assert sum(frames_per_write) >= 400
     assert max(frames_per_write) > 1  # queued frames went out together
     assert max(frames_per_write) <= 64  # WRITE_BATCH
+
+
+async def test_a_write_holds_at_most_write_batch_bytes(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of 3 KB events goes out many frames per write, but no write holds more than
+    WRITE_BATCH_BYTES and the frame that crossed it: a close frame never waits behind more
+    (docs/websocket.md, slow clients)."""
+    writes: list[list[bytes]] = []
+    release = HeldStream.release
+
+    async def recording_release(self: HeldStream) -> None:
+        if self._held:
+            writes.append(list(self._held))
+        await release(self)
+
+    monkeypatch.setattr(HeldStream, "release", recording_release)
+    async with chat_bridge(tmp_path) as b, client(b.port, "burst", message_queue_size=0) as ws:
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(b.inject, "burst", f"{i:03d}" + "b" * 3000)
+        frames = [await receive(ws) for _ in range(100)]
+    assert [f["socket_sequence"] for f in frames] == list(range(100))
+    largest = max(len(frame) for write in writes for frame in write)
+    assert max(len(write) for write in writes) > 1  # still batched
+    assert max(sum(map(len, write)) for write in writes) < WRITE_BATCH_BYTES + largest
 
 
 class RecordRemote:

@@ -239,9 +239,18 @@ def update(*texts: str, **item: Any) -> str:
                       ensure_ascii=False)
 
 
-async def raw_upgrade(port: int, resource: str = "/v1/chats/room") -> trio.SocketStream:
-    """A plain TCP stream that has completed the opening handshake (101)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+async def raw_upgrade(port: int, resource: str = "/v1/chats/room", *,
+                      rcvbuf: int | None = None) -> trio.SocketStream:
+    """A plain TCP stream that has completed the opening handshake (101); with ``rcvbuf``,
+    its ``SO_RCVBUF`` is set before it connects (a small one makes a frozen reader's TCP
+    window fill fast)."""
+    if rcvbuf is None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    else:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
     await stream.send_all(
         f"GET {resource} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -252,6 +261,59 @@ async def raw_upgrade(port: int, resource: str = "/v1/chats/room") -> trio.Socke
             data += await stream.receive_some(1)  # byte by byte: leave the frames unread
     assert data.startswith(b"HTTP/1.1 101"), data
     return stream
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False,
+                 masked: bool = True) -> bytes:
+    """A hand-made client frame: any opcode and bits, masked unless told not to."""
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
+    mask_bit = 0x80 if masked else 0
+    n = len(payload)
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = b"\x5a\xa5\x0f\xf0"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def server_frames(stream: trio.abc.ReceiveStream) -> tuple[list[bytes], int | None, str]:
+    """Read the server's frames until its close frame or EOF: the data frames' payloads
+    before it, then the close code and reason (``None``, ``""`` on EOF without a close
+    frame, which a WebSocket client reports as 1006). Fails the test after 10 s."""
+    buffer = b""
+    frames: list[bytes] = []
+
+    async def need(n: int) -> bool:
+        nonlocal buffer
+        while len(buffer) < n:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return False
+            buffer += chunk
+        return True
+
+    with trio.fail_after(10):
+        while await need(2):
+            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+            assert not buffer[1] & 0x80, "a server frame is never masked"
+            start = 2 if length < 126 else 4 if length == 126 else 10
+            if not await need(start):
+                break
+            if length >= 126:
+                length = int.from_bytes(buffer[2:start], "big")
+            if not await need(start + length):
+                break
+            payload, buffer = buffer[start:start + length], buffer[start + length:]
+            if opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if payload else 1005
+                return frames, code, payload[2:].decode()
+            frames.append(payload)
+    return frames, None, ""
 
 
 def vanish(stream: trio.SocketStream) -> None:

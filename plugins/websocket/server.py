@@ -9,8 +9,9 @@ and a socket whose queue is full is closed with 1013 (the client resumes with ``
 
 Every close goes through :meth:`_Socket.close`: it records the code and reason, stops the
 queue, and gives the connection ``close_timeout_s`` to finish; the writer sends the close
-frame once the frame it may be sending is complete (a frame is never cut in half).
-"""
+frame once the frame it may be sending is complete (a frame is never cut in half). A close
+that does not finish in time (a client that stopped reading: the close frame cannot leave a
+full TCP buffer) is cut, and counted like the others (:func:`_count_close`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,8 @@ from trio_websocket import (
     WebSocketRequest,
     wrap_server_stream,
 )
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from bridge import (
     CHAT_EVENT,
@@ -57,8 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge_plugins.websocket")
 
 # Close codes (RFC 6455 §7.4.1 and the IANA registry).
-NORMAL, GOING_AWAY, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
-    1000, 1001, 1007, 1008, 1009, 1011, 1013)
+NORMAL, GOING_AWAY, ABNORMAL, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN = (
+    1000, 1001, 1006, 1007, 1008, 1009, 1011, 1013)
 #: Private-use close code (docs/security.md): the handshake's credentials have expired.
 EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
@@ -66,6 +70,10 @@ SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequen
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
 #: Queued frames a socket's writer sends in one system call, at most.
 WRITE_BATCH = 64
+#: Bytes a writer sends in one system call, at most (but one frame at least). A close frame
+#: waits behind the write in flight, so this also bounds what a slow reader must drain
+#: before its 1013 frame, beside what the kernel holds (docs/websocket.md).
+WRITE_BATCH_BYTES = 16 * 1024
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
@@ -307,6 +315,7 @@ class WebSocketTransport:
         ctx = self._ctx_()
         s = self.settings
         sock: _Socket | None = None
+        connection: WebSocketConnection | None = None
         try:
             try:  # in the order of docs/security.md: caps, path and query, Origin, auth
                 if self._connections > s.max_connections:
@@ -333,6 +342,7 @@ class WebSocketTransport:
                 await self._refuse(request, e)
                 return
             connection = await request.accept(subprotocol=chat.subprotocol)
+            stream.farewell = partial(_unsent_close, connection)
             if sock.code is None:
                 scope.deadline = math.inf  # the handshake is done
             expires_at = _expires_at(identity)
@@ -344,11 +354,11 @@ class WebSocketTransport:
                 await self._read(ctx, sock, connection, identity, expires_at)
                 if sock.code is None:  # the client went away: nothing more to send
                     nursery.cancel_scope.cancel()
-            code = sock.code or (connection.closed.code if connection.closed else NORMAL)
-            ctx.count("socket_closes_total", code=str(code))
         finally:
             if sock is not None:
                 self._unregister(sock)
+                if connection is not None:
+                    _count_close(ctx, sock, connection)
 
     def _framer(self, ctx: TransportContext, encoding: str) -> Framer:
         """The framer of ``encoding`` (one per codec: framers keep no per-socket state)."""
@@ -460,7 +470,8 @@ class WebSocketTransport:
                      replayed: Sequence[Message], done: trio.CancelScope) -> None:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
         the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
-        together go out in one system call, up to :data:`WRITE_BATCH`."""
+        together go out in one system call, up to :data:`WRITE_BATCH` frames and
+        :data:`WRITE_BATCH_BYTES`."""
         framer = sock.framer
         sequence = 0
         last = ""  # the last replayed event: live copies up to it were sent already
@@ -502,8 +513,9 @@ class WebSocketTransport:
 async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
                 frames: Sequence[tuple[str, Any]], sequence: int, last: str, *,
                 replay: bool = False) -> tuple[int, str]:
-    """Send ``(event_id, prepared)`` frames in one write: live ones only when newer than
-    the last replayed event ``last``. The sequence and the last replayed id afterwards.
+    """Send ``(event_id, prepared)`` frames in one write (one per
+    :data:`WRITE_BATCH_BYTES`): live ones only when newer than the last replayed event
+    ``last``. The sequence and the last replayed id afterwards.
     (A function, not a closure in ``_write``: a closure per socket costs memory.)"""
     stream.hold()
     try:
@@ -515,9 +527,45 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
                 sequence += 1
                 if replay:
                     last = event_id
+                if stream.held_bytes >= WRITE_BATCH_BYTES:
+                    await stream.release()
+                    stream.hold()
     finally:
         await stream.release()
     return sequence, last
+
+
+def _count_close(ctx: TransportContext, sock: _Socket, connection: WebSocketConnection
+                 ) -> None:
+    """Count an accepted socket's close in ``socket_closes_total{code}``, by the code the
+    server sent or tried to send, else the client's, and in ``socket_closes_cut_total{code}``
+    as well when it was cut after ``close_timeout_s`` (or at shutdown) before the close
+    finished: that client most likely got no close frame and saw 1006."""
+    closed = connection.closed
+    code = sock.code or (closed.code if closed is not None else ABNORMAL)
+    ctx.count("socket_closes_total", code=str(code))
+    if trio.current_effective_deadline() == -math.inf:  # here because the scope was cancelled
+        ctx.count("socket_closes_cut_total", code=str(code))
+
+
+def _unsent_close(connection: WebSocketConnection) -> bytes:
+    """The close frame of a protocol error found in the client's frames, if it is not sent.
+
+    On a frame that breaks RFC 6455 (unmasked, a reserved bit or opcode, a control frame over
+    125 bytes, a stray continuation, a bad close code) or text that is not UTF-8, wsproto
+    reports a close with 1002 or 1007 and the reason, but leaves the connection ``OPEN``:
+    trio-websocket 0.12 then marks the WebSocket closed with that code and closes the TCP
+    stream without sending the frame, and the client would see 1006. The stream asks this
+    when it closes: a WebSocket that is closed while wsproto still says ``OPEN`` sent no
+    close frame and received none, so its code and reason go out now. (trio-websocket keeps
+    the wsproto connection in ``_wsproto``; tests/test_websocket_closes.py fails if that
+    changes.)"""
+    closed = connection.closed
+    protocol = getattr(connection, "_wsproto", None)
+    if closed is None or protocol is None or protocol.state is not ConnectionState.OPEN:
+        return b""
+    data: bytes = protocol.send(CloseConnection(closed.code, close_reason(closed.reason or "")))
+    return data
 
 
 def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:

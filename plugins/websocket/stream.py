@@ -12,10 +12,12 @@ waiting in between. Whatever else trio-websocket writes meanwhile (a pong, the r
 close) joins the same buffer, in order. While a release is sending, what is written is held
 too, and sent by that release when its send is done: two sends never overlap on the inner
 stream (trio raises ``BusyResourceError`` when they do). Closing the stream sends what is
-held first.
+held first, then its :attr:`~HeldStream.farewell`, if it has one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import trio
 
@@ -23,10 +25,14 @@ import trio
 class HeldStream(trio.abc.Stream):
     """Wraps ``inner``: :meth:`hold`, let trio-websocket write, then :meth:`release`."""
 
-    __slots__ = ("_held", "_releasing", "inner")
+    __slots__ = ("_held", "_releasing", "farewell", "held_bytes", "inner")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
+        self.held_bytes = 0  # written since the last hold()
+        #: Asked on :meth:`aclose`: the last bytes to send before the stream closes (a close
+        #: frame nobody sent yet), or ``b""``.
+        self.farewell: Callable[[], bytes] | None = None
         self._held: list[bytes] | None = None
         self._releasing = trio.Lock()  # the writer's release, or the flush of aclose
 
@@ -34,6 +40,7 @@ class HeldStream(trio.abc.Stream):
         """Keep what is written from now on, until :meth:`release`."""
         if self._held is None:
             self._held = []
+            self.held_bytes = 0
 
     async def release(self) -> None:
         """Send what was held, in one ``send_all`` (and what arrives meanwhile, in the next),
@@ -53,6 +60,7 @@ class HeldStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
             self._held.append(bytes(data))
+            self.held_bytes += len(data)
             return
         await self.inner.send_all(data)
 
@@ -64,6 +72,11 @@ class HeldStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         try:
+            last = self.farewell() if self.farewell is not None else b""
+            if last:
+                self.hold()
+                assert self._held is not None
+                self._held.append(last)  # after what is held or being sent, in order
             if self._held:
                 await self.release()  # a close reply written while held still goes out
         except (trio.BrokenResourceError, trio.ClosedResourceError):
