@@ -55,6 +55,7 @@ from .amqp_seam import (
     SizeLimit,
     TlsOptions,
     open_island,
+    refused_by_broker,
 )
 from .amqp_spool import Entry, Spool
 from .codecs import codec_for
@@ -71,6 +72,10 @@ RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 5.0
 #: While the broker's port refuses connections, how often it is probed during a backoff.
 PROBE_INTERVAL_S = 0.5
+#: Once the port accepts again, attempts that fail (a broker still starting) are retried
+#: after about PROBE_INTERVAL_S this many times before the backoff resumes; a broker that
+#: refuses the login or a vhost gets the backoff at once.
+QUICK_RETRIES = 8
 
 
 def _positive(v: float) -> str | None:
@@ -266,30 +271,42 @@ class AmqpTransport:
         s = self.settings
         delay = s.reconnect_initial_s
         attempt = 0
+        quick = 0  # attempts left at a short pause once the port has come back
         while True:
             if attempt:
                 self.ctx.count("amqp_reconnects_total")
             attempt += 1
             self._established = False
+            refused = False
             try:
                 await self._session(island)
             except* Exception as group:  # aiormq, aio-pika and OS errors share no base
                 self._lost(group)
+                refused = refused_by_broker(_first(group))
             if self._established:
                 delay = s.reconnect_initial_s
+            if quick and not refused:
+                # The port came back a moment ago: the broker may still be starting (it
+                # accepts TCP before it serves AMQP), so try again soon, a few times.
+                quick -= 1
+                await trio.sleep(PROBE_INTERVAL_S * random.uniform(1.0, 1.5))
+                continue
+            quick = 0
             pause = min(delay, s.reconnect_max_s) * random.uniform(0.5, 1.0)
             delay = min(delay * 2, s.reconnect_max_s)
             log.info("%s: reconnecting in %.2f s", self.name, pause)
             if await self._pause(pause):
                 log.info("%s: the broker's port accepts again; reconnecting now", self.name)
                 delay = s.reconnect_initial_s
+                quick = QUICK_RETRIES
 
     async def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` before the next attempt; True if cut short. While the broker's
         port refuses TCP (down, restarting, unreachable), it is probed every
         PROBE_INTERVAL_S and the wait ends once it accepts. A broker that accepts TCP and
         then fails the connection (authentication, a timeout, a refused vhost) gets the
-        whole backoff, so it is not hammered."""
+        whole backoff, so it is not hammered (but see QUICK_RETRIES for one that is still
+        starting)."""
         with trio.move_on_after(seconds):
             if await self._broker_accepts():
                 await trio.sleep_forever()

@@ -562,6 +562,14 @@ class Connection:
         self._mark_lost("closed by us")
 
 
+def refused_by_broker(exc: BaseException) -> bool:
+    """Whether the broker answered and refused (credentials, access to a vhost or a
+    resource): trying again soon would not help, unlike a broker that is still starting."""
+    return isinstance(exc, (aiormq.exceptions.ProbableAuthenticationError,
+                            aiormq.exceptions.AuthenticationError,
+                            aiormq.exceptions.ChannelAccessRefused))
+
+
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "connection closed"
@@ -1024,4 +1032,5 @@ __all__ = [
     "SizeLimit",
     "TlsOptions",
     "open_island",
+    "refused_by_broker",
 ]
