@@ -3,7 +3,8 @@ registration hook (those run once at start-up, synchronously).
 
 The core calls every implementation itself, in pluggy's order (see ``bridge.plugins``), and
 awaits whatever is awaitable, so sync and async implementations mix freely. No hook uses
-``firstresult`` or wrappers: where one answer is wanted the spec says how it is chosen.
+``firstresult`` or wrappers: where one answer is wanted the spec says how it is chosen
+(``bridge.plugins.build_plugin_manager`` refuses wrapper implementations at start-up).
 Arguments are only ever added, never renamed or removed; an implementation may accept
 fewer arguments than the spec lists.
 """

@@ -87,7 +87,8 @@ def build_plugin_manager(
     enable: Iterable[str] = (), disable: Iterable[str] = (), extra: Iterable[object] = ()
 ) -> pluggy.PluginManager:
     """A new manager with the built-ins (minus ``disable``), the entry-point plugins named in
-    ``enable`` and the ``extra`` plugin objects (tests). Misspelt hooks fail here."""
+    ``enable`` and the ``extra`` plugin objects (tests). Misspelt hooks fail here, and so
+    do implementations :class:`Hooks` could not call as they ask (ConfigError)."""
     enable, disable = set(enable), set(disable)
     pm = pluggy.PluginManager("bridge")
     pm.add_hookspecs(hookspecs)
@@ -104,7 +105,33 @@ def build_plugin_manager(
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()
+    refuse_unhonoured(pm)
     return pm
+
+
+def refuse_unhonoured(pm: pluggy.PluginManager) -> None:
+    """Raise :class:`ConfigError` naming each plugin and hook that asks for a pluggy feature
+    :class:`Hooks` does not honour: it calls every implementation itself, so a wrapper
+    (``wrapper=True``, ``hookwrapper=True``) would be called as if it were the hook, and a
+    ``firstresult`` or ``historic`` spec would not be what the caller gets. ``tryfirst``,
+    ``trylast``, ``specname`` and ``optionalhook`` are honoured."""
+    problems: list[str] = []
+    for name, caller in sorted(vars(pm.hook).items()):
+        if not isinstance(caller, pluggy.HookCaller):
+            continue
+        for feature in ("firstresult", "historic"):
+            if caller.spec is not None and caller.spec.opts[feature]:
+                problems.append(f"hook {name} is declared {feature}, which bridged's hook"
+                                " calls do not honour")
+        for impl in caller.get_hookimpls():
+            for feature in ("wrapper", "hookwrapper"):
+                if getattr(impl, feature):
+                    problems.append(
+                        f"plugin {impl.plugin_name!r}: its {name} is a {feature}=True"
+                        " implementation, which bridged does not support (the core calls"
+                        " each implementation itself); make it a plain implementation")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _entry_points() -> Any:
