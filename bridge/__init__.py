@@ -8,7 +8,7 @@ from __future__ import annotations
 import pluggy
 
 from .cli import Command
-from .config import Secret, setting
+from .config import Secret, not_negative, port_number, positive, setting
 from .errors import (
     AuthError,
     BridgeError,
@@ -70,5 +70,8 @@ __all__ = [
     "TransportType",
     "WorkerThread",
     "hookimpl",
+    "not_negative",
+    "port_number",
+    "positive",
     "setting",
 ]
