@@ -18,6 +18,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .cli import Command
+    from .identity import Identity
     from .message import Message
     from .plugins import PluginContext
     from .transport import Codec, Transform, TransportType
@@ -109,9 +110,9 @@ def bridge_replay_messages(chat_id: str, since: str) -> Sequence[Message] | None
 
 
 @hookspec
-def bridge_authenticate_handshake(request: Mapping[str, Any]) -> Any:
+def bridge_authenticate_handshake(request: Mapping[str, Any]) -> Identity | None:
     """Authenticate a WebSocket handshake. ``request`` holds ``path``, ``chat_id``,
-    ``headers`` (lower-case names), ``query``, ``subprotocols`` and ``remote``. Return an
-    identity object, None to abstain, or raise :class:`bridge.AuthError` to refuse. The
+    ``headers`` (lower-case names), ``query``, ``subprotocols`` and ``remote``. Return a
+    :class:`bridge.Identity`, None to abstain, or raise :class:`bridge.AuthError` to refuse. The
     first identity returned wins; when every implementation abstains the handshake is
     accepted anonymously."""

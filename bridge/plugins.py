@@ -25,6 +25,7 @@ import trio
 
 from . import hookspecs
 from .errors import ConfigError
+from .identity import Identity
 from .message import Message
 from .transport import Codec, Transform, TransportType
 
@@ -284,9 +285,9 @@ class Hooks:
                 return list(result)
         return None
 
-    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+    async def authenticate(self, request: Mapping[str, Any]) -> Identity | None:
         for impl in self._impls("bridge_authenticate_handshake"):
-            identity = await self._call(impl, {"request": request})
+            identity: Identity | None = await self._call(impl, {"request": request})
             if identity is not None:
                 return identity
         return None

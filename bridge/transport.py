@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import trio
 
 from .errors import BridgeError
+from .identity import Identity
 from .message import Message
 
 
@@ -113,7 +114,7 @@ class TransportContext(Protocol):
         does (a no-op without such hooks). A durable destination calls it at start for what
         it still held when the daemon stopped (see :class:`Transport`)."""
 
-    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+    async def authenticate(self, request: Mapping[str, Any]) -> Identity | None:
         """The identity the ``bridge_authenticate_handshake`` hooks give for a handshake
         ``request`` (None when no plugin authenticates)."""
 

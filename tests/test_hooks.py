@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from bridge import (
     Codec,
     Command,
     ConfigError,
+    Identity,
     Message,
     PluginContext,
     ReplayGap,
@@ -110,7 +112,7 @@ class History:
 
 class Guard:
     @hookimpl
-    def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Any:
+    def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Identity | None:
         if request["headers"].get("x-key") == "bad":
             raise AuthError("bad key", status=403)
         return None  # abstain
@@ -118,9 +120,10 @@ class Guard:
 
 class KeyAuth:
     @hookimpl
-    async def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Any:
+    async def bridge_authenticate_handshake(self, request: Mapping[str, Any]
+                                            ) -> Identity | None:
         await trio.lowlevel.checkpoint()
-        return {"sub": request["headers"].get("x-key")} if request["headers"] else None
+        return Identity(request["headers"]["x-key"]) if request["headers"] else None
 
 
 async def test_first_answer_hooks_mix_sync_and_async() -> None:
@@ -130,7 +133,7 @@ async def test_first_answer_hooks_mix_sync_and_async() -> None:
     with pytest.raises(ReplayGap):
         await hooks.replay("c1", "0" * 20)
     assert await hooks.authenticate({"headers": {}}) is None  # everyone abstains: anonymous
-    assert await hooks.authenticate({"headers": {"x-key": "ann"}}) == {"sub": "ann"}
+    assert await hooks.authenticate({"headers": {"x-key": "ann"}}) == Identity("ann")
     with pytest.raises(AuthError) as info:
         await hooks.authenticate({"headers": {"x-key": "bad"}})
     assert info.value.status == 403
@@ -295,3 +298,13 @@ def test_installed_wrapper_plugin_fails_check_and_run_with_exit_1(tmp_path: Path
     assert ("plugins: plugin 'wrapplug': its bridge_enrich_message is a wrapper=True"
             in result.stderr)
     assert "Traceback" not in result.stderr
+
+
+def test_auth_hook_result_is_typed_identity_or_none() -> None:
+    """Type checkers see what an authentication hook returns, through the spec, the façade
+    and the transport context (they said ``Any``)."""
+    from bridge import TransportContext, hookspecs
+
+    for function in (hookspecs.bridge_authenticate_handshake, Hooks.authenticate,
+                     TransportContext.authenticate):
+        assert inspect.signature(function).return_annotation == "Identity | None", function
