@@ -25,6 +25,8 @@ from .message import CHAT_EVENT, NOTIFICATION, Message
 from .plugins import PluginContext
 from .transport import (
     Accepted,
+    AsyncAPIContext,
+    AsyncAPIFragment,
     Codec,
     Failed,
     Health,
@@ -44,6 +46,8 @@ __all__ = [
     "CHAT_EVENT",
     "NOTIFICATION",
     "Accepted",
+    "AsyncAPIContext",
+    "AsyncAPIFragment",
     "AuthError",
     "BridgeError",
     "Codec",

@@ -14,6 +14,7 @@ from typing import Any
 
 from bridge import ConfigError, TransportType, hookimpl, port_number, positive, setting
 
+from .asyncapi import describe
 from .server import WebSocketTransport
 
 __all__ = ["WebSocketSettings", "WebSocketTransport"]
@@ -55,4 +56,4 @@ def _create(name: str, settings: Any) -> WebSocketTransport:
 
 @hookimpl
 def bridge_register_transports(register: Callable[[TransportType], None]) -> None:
-    register(TransportType("websocket", WebSocketSettings, _create))
+    register(TransportType("websocket", WebSocketSettings, _create, describe=describe))
