@@ -88,11 +88,21 @@ def build_plugin_manager(
     enable: Iterable[str] = (), disable: Iterable[str] = (), extra: Iterable[object] = ()
 ) -> pluggy.PluginManager:
     """A new manager with the built-ins (minus ``disable``), the entry-point plugins named in
-    ``enable`` and the ``extra`` plugin objects (tests). Misspelt hooks fail here, and so
-    do implementations :class:`Hooks` could not call as they ask (ConfigError)."""
-    enable, disable = set(enable), set(disable)
+    ``enable`` and the ``extra`` plugin objects (tests). A misspelt hook or argument, or an
+    implementation :class:`Hooks` could not call as it asks, is a ConfigError here."""
     pm = pluggy.PluginManager("bridge")
     pm.add_hookspecs(hookspecs)
+    try:
+        _register(pm, set(enable), set(disable), extra)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise ConfigError([f"plugin {pm.get_name(e.plugin) or e.plugin!r}: {e}"]) from e
+    refuse_unhonoured(pm)
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, enable: set[str], disable: set[str],
+              extra: Iterable[object]) -> None:
     for path in DEFAULT_PLUGINS:
         name = path.rsplit(".", 1)[-1]
         if name not in disable:
@@ -105,9 +115,6 @@ def build_plugin_manager(
             pm.register(plugin, name=ep.name)
     for plugin in extra:
         pm.register(plugin)
-    pm.check_pending()
-    refuse_unhonoured(pm)
-    return pm
 
 
 def refuse_unhonoured(pm: pluggy.PluginManager) -> None:

@@ -276,14 +276,25 @@ from bridge import hookimpl
 def bridge_enrich_message(message):
     return (yield)
 '''
+MISSPELT_PLUGIN = '''
+from bridge import hookimpl
+
+@hookimpl
+def bridge_enrich_mesage(message):
+    return None
+'''
 
 
+@pytest.mark.parametrize(("source", "error"), [
+    (WRAPPER_PLUGIN, "plugins: plugin 'wrapplug': its bridge_enrich_message is a wrapper=True"),
+    (MISSPELT_PLUGIN, "plugins: plugin 'wrapplug': unknown hook 'bridge_enrich_mesage'"),
+], ids=["wrapper", "misspelt"])
 @pytest.mark.parametrize("command", ["check", "run"])
-def test_installed_wrapper_plugin_fails_check_and_run_with_exit_1(tmp_path: Path,
-                                                                  command: str) -> None:
+def test_installed_bad_plugin_fails_check_and_run_with_exit_1(tmp_path: Path, command: str,
+                                                              source: str, error: str) -> None:
     """An installed third-party plugin, found through its entry point: ``check`` and ``run``
     both refuse it as a config error (exit 1, no traceback)."""
-    (tmp_path / "bridged_wrapplug.py").write_text(WRAPPER_PLUGIN)
+    (tmp_path / "bridged_wrapplug.py").write_text(source)
     info = tmp_path / "bridged_wrapplug-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bridged-wrapplug\n"
@@ -295,8 +306,7 @@ def test_installed_wrapper_plugin_fails_check_and_run_with_exit_1(tmp_path: Path
         [sys.executable, "-m", "bridge", command, "-c", str(config)], capture_output=True,
         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1, result.stderr
-    assert ("plugins: plugin 'wrapplug': its bridge_enrich_message is a wrapper=True"
-            in result.stderr)
+    assert error in result.stderr
     assert "Traceback" not in result.stderr
 
 
