@@ -213,3 +213,18 @@ def test_a_plugin_transport_describes_itself(tmp_path: Path) -> None:
     assert doc["servers"]["chat"]["protocol"] == "ws"  # the others are still there
     del types["pigeon"]
     assert "coop" not in build_document(config, types)["servers"]  # unknown type: left out
+
+
+@pytest.mark.parametrize("kept", ["chat", "rabbit"])
+def test_one_transport_alone_validates(tmp_path: Path, kept: str) -> None:
+    """Each transport's part stands alone: the components it refers to are in the document,
+    and the other transport's are not."""
+    config = example_config(tmp_path)
+    config = Config(**{**vars(config), "routes": (),
+                       "transports": {kept: config.transports[kept]}})
+    doc = build_document(config)
+    (tmp_path / "doc.json").write_text(render(doc, "json"))
+    (report,) = parse(tmp_path / "doc.json")
+    assert report["valid"], report
+    assert errors(report) == []
+    assert ("dead_notification" in doc["components"]["messages"]) == (kept == "rabbit")
