@@ -8,7 +8,7 @@ from __future__ import annotations
 import pluggy
 
 from .cli import Command
-from .config import Secret, setting
+from .config import Secret, not_negative, port_number, positive, setting
 from .errors import (
     AuthError,
     BridgeError,
@@ -25,6 +25,8 @@ from .message import CHAT_EVENT, NOTIFICATION, Message
 from .plugins import PluginContext
 from .transport import (
     Accepted,
+    AsyncAPIContext,
+    AsyncAPIFragment,
     Codec,
     Failed,
     Health,
@@ -44,6 +46,8 @@ __all__ = [
     "CHAT_EVENT",
     "NOTIFICATION",
     "Accepted",
+    "AsyncAPIContext",
+    "AsyncAPIFragment",
     "AuthError",
     "BridgeError",
     "Codec",
@@ -70,5 +74,8 @@ __all__ = [
     "TransportType",
     "WorkerThread",
     "hookimpl",
+    "not_negative",
+    "port_number",
+    "positive",
     "setting",
 ]

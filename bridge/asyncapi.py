@@ -1,19 +1,11 @@
 """``bridged asyncapi``: the AsyncAPI 3.0 document of the topology a config would run.
 
-What the document holds, per configured transport:
-
-* ``type = "websocket"``: a server (``ws`` or ``wss`` when ``tls_cert`` and ``tls_key`` are
-  set), the chat channel ``/v1/chats/{chat_id}`` with its query bindings (``heartbeat``,
-  ``since``, ``encoding``), a ``send`` operation (updates and heartbeats) and a ``receive``
-  operation (client frames);
-* ``type = "amqp"``: a server (credentials never shown), the consumed queue with a
-  ``receive`` operation, the dead-letter queue with a ``send`` operation, and, when a route
-  delivers to it, the exchange with a ``send`` operation and its routing key.
-
-Message schemas come from the contracts in ``bridge/contracts`` (see docs/contracts.md);
-the routes are listed under ``info.x-bridged-routes``. Transport settings are read by name
-with defaults (``getattr``), so a transport plugin only has to use the documented names.
-Other transport types (``memory``) have no wire and are left out.
+The core writes the frame: ``info`` (with the routes under ``info.x-bridged-routes``) and
+the components of the chat contract in ``bridge/contracts`` (see docs/contracts.md). Each
+configured transport whose type has a ``describe`` adds its own servers, channels,
+operations and any further component schemas and messages (see
+:class:`bridge.TransportType`); the core knows no transport by name. A transport type
+without ``describe`` has no wire to show and is left out.
 """
 
 from __future__ import annotations
@@ -21,17 +13,19 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from .config import Config
 from .contracts import CHAT, NOTIFICATIONS, load
+from .transport import AsyncAPIFragment, TransportType
 
-AMQP_BINDING = "0.3.0"
-WS_BINDING = "0.1.0"
-CHAT_ADDRESS = "/v1/chats/{chat_id}"
-#: the component message describing what an AMQP transport consumes, by ``consume_kind``
-CONSUMED_MESSAGES = {"notification": "notification", "chat.event": "chat_event"}
+#: What a fragment may hold, and where in the document it goes.
+SECTIONS = {"servers": ("servers",), "channels": ("channels",),
+            "operations": ("operations",), "schemas": ("components", "schemas"),
+            "messages": ("components", "messages")}
+CONTRACTS = {"chat": CHAT, "notifications": NOTIFICATIONS}
 
 
 def _ref(*parts: str) -> dict[str, str]:
@@ -43,164 +37,47 @@ def _id(*parts: str) -> str:
     return ".".join(re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in parts)
 
 
-def _components() -> dict[str, Any]:
-    chat = copy.deepcopy(load(CHAT)["components"])
-    notification = copy.deepcopy(
-        load(NOTIFICATIONS)["channels"]["notifications"]["subscribe"]["message"]["payload"])
-    schemas = {**chat["schemas"], "notification": notification}
-    messages = {
-        **chat["messages"],
-        "chat_event": {
-            "name": "chat_event",
-            "summary": "A chat event: the update without socket_sequence; its eventId is the"
-                       " AMQP message id.",
-            "contentType": "application/json",
-            "payload": _ref("components", "schemas", "event"),
-        },
-        "notification": {
-            "name": "notification",
-            "summary": "A notification for the user whose id is the chat id. msgpack is"
-                       " accepted when the content type says application/msgpack.",
-            "contentType": "application/json",
-            "payload": _ref("components", "schemas", "notification"),
-        },
-        "any_message": {
-            "name": "any_message",
-            "summary": "A message of a kind no contract describes (a plugin's own).",
-            "payload": {},
-        },
-        "dead_notification": {
-            "name": "dead_notification",
-            "summary": "A notification that could not be decoded or broke its contract: the"
-                       " original body and properties, unchanged, with the reason added to"
-                       " the headers.",
-            "headers": {"type": "object", "description": "The original headers plus the"
-                        " reason the message was dead-lettered."},
-            "payload": {"description": "The original body, as received (it may not be valid"
-                        " JSON)."},
-        },
-    }
-    return {"schemas": schemas, "messages": messages}
+@dataclass(frozen=True)
+class _Context:
+    """The :class:`bridge.transport.AsyncAPIContext` a transport's ``describe`` gets."""
+
+    destination: bool
+
+    def ref(self, *parts: str) -> dict[str, str]:
+        return _ref(*parts)
+
+    def id(self, *parts: str) -> str:
+        return _id(*parts)
+
+    def contract(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(load(CONTRACTS[name]))
 
 
-def _websocket(name: str, settings: Any, doc: dict[str, Any]) -> None:
-    host = getattr(settings, "host", "127.0.0.1")
-    port = getattr(settings, "port", 3000)
-    tls = bool(getattr(settings, "tls_cert", None) and getattr(settings, "tls_key", None))
-    interval = getattr(settings, "heartbeat_interval_s", 5.0)
-    seed_channel = load(CHAT)["channels"]["chat_data"]
-    bindings = copy.deepcopy(seed_channel["bindings"])
-    heartbeat = bindings["ws"]["query"]["properties"]["heartbeat"]
-    heartbeat["description"] = (f"true: the server sends a heartbeat frame every {interval:g} s.")
-    doc["servers"][_id(name)] = {
-        "host": f"{host}:{port}",
-        "protocol": "wss" if tls else "ws",
-        "description": f"WebSocket transport {name!r}" + (" (TLS)" if tls else ""),
-    }
-    channel = _id(name, "chat")
-    doc["channels"][channel] = {
-        "address": CHAT_ADDRESS,
-        "title": "Support chat",
-        "servers": [_ref("servers", _id(name))],
-        "parameters": copy.deepcopy(seed_channel["parameters"]),
-        "messages": {
-            "chat_data": _ref("components", "messages", "chat_data"),
-            "client_data": _ref("components", "messages", "client_data"),
-        },
-        "bindings": bindings,
-    }
-    doc["operations"][_id(name, "sendChatData")] = {
-        "action": "send",
-        "channel": _ref("channels", channel),
-        "summary": "Send chat updates and heartbeats to the client",
-        "messages": [_ref("channels", channel, "messages", "chat_data")],
-    }
-    doc["operations"][_id(name, "receiveChatData")] = {
-        "action": "receive",
-        "channel": _ref("channels", channel),
-        "summary": "Receive chat updates from the client",
-        "messages": [_ref("channels", channel, "messages", "client_data")],
-    }
+def _merge(doc: dict[str, Any], transport: str, fragment: AsyncAPIFragment) -> None:
+    unknown = set(fragment) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"transport {transport!r}: describe returned {sorted(unknown)}")
+    for key, entries in fragment.items():
+        section = doc
+        for part in SECTIONS[key]:
+            section = section[part]
+        for entry_id, entry in entries.items():
+            # a component two transports both describe (the same message) is kept once
+            if key in ("servers", "channels", "operations") and entry_id in section:
+                raise ValueError(f"transport {transport!r}: {key} id {entry_id!r} is taken")
+            section.setdefault(entry_id, entry)
 
 
-def _amqp(name: str, settings: Any, publishes: bool, doc: dict[str, Any]) -> None:
-    url = urlsplit(str(getattr(settings, "url", "amqp://127.0.0.1:5672/")))
-    secure = url.scheme == "amqps"
-    host = url.hostname or "127.0.0.1"
-    port = url.port or (5671 if secure else 5672)
-    vhost = unquote(url.path[1:]) or "/"
-    queue = getattr(settings, "consume_queue", "notifications")
-    dead = getattr(settings, "dead_letter_queue", "notifications.dead")
-    consume_kind = getattr(settings, "consume_kind", "notification")
-    exchange = getattr(settings, "exchange", "chat")
-    exchange_type = getattr(settings, "exchange_type", "topic")
-    routing_key = getattr(settings, "routing_key", "chat.{chat_id}")
-    server = _id(name)
-    doc["servers"][server] = {
-        "host": f"{host}:{port}",  # never the credentials
-        "protocol": "amqps" if secure else "amqp",
-        "description": f"RabbitMQ transport {name!r}, virtual host {vhost!r}",
-    }
+def build_document(config: Config,
+                   transport_types: Mapping[str, TransportType] | None = None
+                   ) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of what ``config`` would run. ``transport_types`` by
+    name; by default those the plugins ``config`` enables register."""
+    if transport_types is None:
+        from .plugins import Registry, build_plugin_manager
 
-    def queue_channel(queue_name: str, message: str, description: str) -> str:
-        channel = _id(name, queue_name)
-        doc["channels"][channel] = {
-            "address": queue_name,
-            "description": description,
-            "servers": [_ref("servers", server)],
-            "messages": {message: _ref("components", "messages", message)},
-            "bindings": {"amqp": {"is": "queue", "bindingVersion": AMQP_BINDING, "queue": {
-                "name": queue_name, "durable": True, "exclusive": False, "autoDelete": False,
-                "vhost": vhost}}},
-        }
-        return channel
-
-    consumed_message = CONSUMED_MESSAGES.get(consume_kind, "any_message")
-    consumed = queue_channel(queue, consumed_message, f"Durable queue of {consume_kind!r}"
-                             " messages (declared if absent), consumed with manual"
-                             " acknowledgements.")
-    doc["operations"][_id(name, "receiveNotification")] = {
-        "action": "receive",
-        "channel": _ref("channels", consumed),
-        "summary": "Consume messages; ack once handled (persisted and handed on)",
-        "messages": [_ref("channels", consumed, "messages", consumed_message)],
-        "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}},
-    }
-    dead_channel = queue_channel(dead, "dead_notification", "Durable queue of the"
-                                 " notifications that could not be decoded or broke the"
-                                 " contract.")
-    doc["operations"][_id(name, "sendDeadLetter")] = {
-        "action": "send",
-        "channel": _ref("channels", dead_channel),
-        "summary": "Dead-letter a notification that cannot be handled, with the reason",
-        "messages": [_ref("channels", dead_channel, "messages", "dead_notification")],
-        "bindings": {"amqp": {"deliveryMode": 2, "bindingVersion": AMQP_BINDING}},
-    }
-    if not publishes:
-        return
-    channel = _id(name, exchange)
-    doc["channels"][channel] = {
-        "address": exchange,
-        "description": f"Durable {exchange_type} exchange; routing key {routing_key!r}.",
-        "servers": [_ref("servers", server)],
-        "messages": {"chat_event": _ref("components", "messages", "chat_event")},
-        "bindings": {"amqp": {"is": "routingKey", "bindingVersion": AMQP_BINDING, "exchange": {
-            "name": exchange, "type": exchange_type, "durable": True, "autoDelete": False,
-            "vhost": vhost}}},
-    }
-    doc["operations"][_id(name, "publishChatEvent")] = {
-        "action": "send",
-        "channel": _ref("channels", channel),
-        "summary": f"Publish chat events with routing key {routing_key!r}, persistent, with"
-                   " publisher confirms",
-        "messages": [_ref("channels", channel, "messages", "chat_event")],
-        "bindings": {"amqp": {"cc": [routing_key], "deliveryMode": 2,
-                              "bindingVersion": AMQP_BINDING}},
-    }
-
-
-def build_document(config: Config) -> dict[str, Any]:
-    """The AsyncAPI 3.0 document of what ``config`` would run."""
+        transport_types = Registry.collect(build_plugin_manager(
+            config.plugins.enable, config.plugins.disable)).transports
     doc: dict[str, Any] = {
         "asyncapi": "3.0.0",
         "info": {
@@ -218,14 +95,15 @@ def build_document(config: Config) -> dict[str, Any]:
         "servers": {},
         "channels": {},
         "operations": {},
-        "components": _components(),
+        "components": copy.deepcopy(
+            {key: load(CHAT)["components"][key] for key in ("schemas", "messages")}),
     }
     destinations = {d for r in config.routes for d in r.destinations}
     for name, transport in config.transports.items():
-        if transport.type == "websocket":
-            _websocket(name, transport.settings, doc)
-        elif transport.type == "amqp":
-            _amqp(name, transport.settings, name in destinations, doc)
+        transport_type = transport_types.get(transport.type)
+        if transport_type is not None and transport_type.describe is not None:
+            _merge(doc, name, transport_type.describe(
+                name, transport.settings, _Context(destination=name in destinations)))
     return doc
 
 

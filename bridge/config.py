@@ -62,10 +62,17 @@ def setting(default: Any = dataclasses.MISSING, *, check: Callable[[Any], str | 
 
 
 def positive(v: Any) -> str | None:
+    """A ``setting`` check: the value must be greater than 0."""
     return None if v > 0 else "must be greater than 0"
 
 
+def not_negative(v: Any) -> str | None:
+    """A ``setting`` check: the value must be 0 or more."""
+    return None if v >= 0 else "must be 0 or more"
+
+
 def port_number(v: int) -> str | None:
+    """A ``setting`` check: a TCP port, 0 (any free port) to 65535."""
     return None if 0 <= v <= 65535 else "must be a port number 0..65535"
 
 

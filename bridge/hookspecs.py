@@ -3,7 +3,8 @@ registration hook (those run once at start-up, synchronously).
 
 The core calls every implementation itself, in pluggy's order (see ``bridge.plugins``), and
 awaits whatever is awaitable, so sync and async implementations mix freely. No hook uses
-``firstresult`` or wrappers: where one answer is wanted the spec says how it is chosen.
+``firstresult`` or wrappers: where one answer is wanted the spec says how it is chosen
+(``bridge.plugins.build_plugin_manager`` refuses wrapper implementations at start-up).
 Arguments are only ever added, never renamed or removed; an implementation may accept
 fewer arguments than the spec lists.
 """
@@ -17,6 +18,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .cli import Command
+    from .identity import Identity
     from .message import Message
     from .plugins import PluginContext
     from .transport import Codec, Transform, TransportType
@@ -108,9 +110,9 @@ def bridge_replay_messages(chat_id: str, since: str) -> Sequence[Message] | None
 
 
 @hookspec
-def bridge_authenticate_handshake(request: Mapping[str, Any]) -> Any:
+def bridge_authenticate_handshake(request: Mapping[str, Any]) -> Identity | None:
     """Authenticate a WebSocket handshake. ``request`` holds ``path``, ``chat_id``,
-    ``headers`` (lower-case names), ``query``, ``subprotocols`` and ``remote``. Return an
-    identity object, None to abstain, or raise :class:`bridge.AuthError` to refuse. The
+    ``headers`` (lower-case names), ``query``, ``subprotocols`` and ``remote``. Return a
+    :class:`bridge.Identity`, None to abstain, or raise :class:`bridge.AuthError` to refuse. The
     first identity returned wins; when every implementation abstains the handshake is
     accepted anonymously."""

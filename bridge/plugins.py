@@ -25,6 +25,7 @@ import trio
 
 from . import hookspecs
 from .errors import ConfigError
+from .identity import Identity
 from .message import Message
 from .transport import Codec, Transform, TransportType
 
@@ -87,10 +88,21 @@ def build_plugin_manager(
     enable: Iterable[str] = (), disable: Iterable[str] = (), extra: Iterable[object] = ()
 ) -> pluggy.PluginManager:
     """A new manager with the built-ins (minus ``disable``), the entry-point plugins named in
-    ``enable`` and the ``extra`` plugin objects (tests). Misspelt hooks fail here."""
-    enable, disable = set(enable), set(disable)
+    ``enable`` and the ``extra`` plugin objects (tests). A misspelt hook or argument, or an
+    implementation :class:`Hooks` could not call as it asks, is a ConfigError here."""
     pm = pluggy.PluginManager("bridge")
     pm.add_hookspecs(hookspecs)
+    try:
+        _register(pm, set(enable), set(disable), extra)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise ConfigError([f"plugin {pm.get_name(e.plugin) or e.plugin!r}: {e}"]) from e
+    refuse_unhonoured(pm)
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, enable: set[str], disable: set[str],
+              extra: Iterable[object]) -> None:
     for path in DEFAULT_PLUGINS:
         name = path.rsplit(".", 1)[-1]
         if name not in disable:
@@ -103,8 +115,31 @@ def build_plugin_manager(
             pm.register(plugin, name=ep.name)
     for plugin in extra:
         pm.register(plugin)
-    pm.check_pending()
-    return pm
+
+
+def refuse_unhonoured(pm: pluggy.PluginManager) -> None:
+    """Raise :class:`ConfigError` naming each plugin and hook that asks for a pluggy feature
+    :class:`Hooks` does not honour: it calls every implementation itself, so a wrapper
+    (``wrapper=True``, ``hookwrapper=True``) would be called as if it were the hook, and a
+    ``firstresult`` or ``historic`` spec would not be what the caller gets. ``tryfirst``,
+    ``trylast``, ``specname`` and ``optionalhook`` are honoured."""
+    problems: list[str] = []
+    for name, caller in sorted(vars(pm.hook).items()):
+        if not isinstance(caller, pluggy.HookCaller):
+            continue
+        for feature in ("firstresult", "historic"):
+            if caller.spec is not None and caller.spec.opts[feature]:
+                problems.append(f"hook {name} is declared {feature}, which bridged's hook"
+                                " calls do not honour")
+        for impl in caller.get_hookimpls():
+            for feature in ("wrapper", "hookwrapper"):
+                if getattr(impl, feature):
+                    problems.append(
+                        f"plugin {impl.plugin_name!r}: its {name} is a {feature}=True"
+                        " implementation, which bridged does not support (the core calls"
+                        " each implementation itself); make it a plain implementation")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _entry_points() -> Any:
@@ -257,9 +292,9 @@ class Hooks:
                 return list(result)
         return None
 
-    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+    async def authenticate(self, request: Mapping[str, Any]) -> Identity | None:
         for impl in self._impls("bridge_authenticate_handshake"):
-            identity = await self._call(impl, {"request": request})
+            identity: Identity | None = await self._call(impl, {"request": request})
             if identity is not None:
                 return identity
         return None

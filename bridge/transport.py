@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import trio
 
 from .errors import BridgeError
+from .identity import Identity
 from .message import Message
 
 
@@ -113,7 +114,7 @@ class TransportContext(Protocol):
         does (a no-op without such hooks). A durable destination calls it at start for what
         it still held when the daemon stopped (see :class:`Transport`)."""
 
-    async def authenticate(self, request: Mapping[str, Any]) -> Any:
+    async def authenticate(self, request: Mapping[str, Any]) -> Identity | None:
         """The identity the ``bridge_authenticate_handshake`` hooks give for a handshake
         ``request`` (None when no plugin authenticates)."""
 
@@ -173,6 +174,31 @@ class Transport(Protocol):
         """Whether the transport is serving right now."""
 
 
+class AsyncAPIContext(Protocol):
+    """What a transport type's ``describe`` is given to write its part of the AsyncAPI 3.0
+    document that ``bridged asyncapi`` prints."""
+
+    @property
+    def destination(self) -> bool:
+        """Whether a route delivers to this transport (else messages only come in)."""
+
+    def ref(self, *parts: str) -> dict[str, str]:
+        """A reference to ``#/<parts>`` within the document (``~`` and ``/`` escaped)."""
+
+    def id(self, *parts: str) -> str:
+        """A server, channel or operation id made of ``parts``: characters AsyncAPI does not
+        allow in ids become ``_``, and the parts are joined with dots."""
+
+    def contract(self, name: str) -> dict[str, Any]:
+        """A copy (yours to change) of a bundled contract document: ``"chat"`` (the
+        WebSocket chat, AsyncAPI 3.0) or ``"notifications"`` (AsyncAPI 2.0)."""
+
+
+#: What ``describe`` returns: entries for the document's ``servers``, ``channels`` and
+#: ``operations``, each keyed by id (any of the three keys may be left out).
+AsyncAPIFragment = Mapping[str, Mapping[str, Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class TransportType:
     """A kind of transport a plugin offers: ``[transports.X] type = "<name>"``.
@@ -181,12 +207,16 @@ class TransportType:
     ``create(name, settings)``: builds the transport.
     ``reflects(settings)``: true when what is delivered to this transport can come back in
     through it (an AMQP exchange bound to the consumed queue); used to refuse route loops.
+    ``describe(name, settings, context)``: this transport's servers, channels and operations
+    for ``bridged asyncapi`` (:data:`AsyncAPIFragment`); None for a transport with no wire
+    to describe (it is left out of the document).
     """
 
     name: str
     settings: type[Any]
     create: Callable[[str, Any], Transport]
     reflects: Callable[[Any], bool] = lambda _settings: False
+    describe: Callable[[str, Any, AsyncAPIContext], AsyncAPIFragment] | None = None
 
 
 #: A route transform: a pure function from a message to the message to deliver, or None to

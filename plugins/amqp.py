@@ -42,6 +42,7 @@ from bridge import (
     setting,
 )
 
+from .amqp_asyncapi import describe as describe_asyncapi
 from .amqp_seam import (
     Connection,
     ConnectionLost,
@@ -745,7 +746,8 @@ def _reflects(settings: Any) -> bool:
     return bool(settings.consume_queue and settings.bind_consume_queue_to_exchange)
 
 
-TRANSPORT = TransportType("amqp", AmqpSettings, _create, reflects=_reflects)
+TRANSPORT = TransportType("amqp", AmqpSettings, _create, reflects=_reflects,
+                          describe=describe_asyncapi)
 
 
 @hookimpl

@@ -30,7 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge import AuthError, Command, Identity, PluginContext, Secret, hookimpl, setting
+from bridge import (
+    AuthError,
+    Command,
+    Identity,
+    PluginContext,
+    Secret,
+    hookimpl,
+    not_negative,
+    setting,
+)
 
 if TYPE_CHECKING:
     import jwt
@@ -62,10 +71,6 @@ def _algorithms(value: tuple[str, ...]) -> str | None:
     return None
 
 
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
 def _claim_name(value: str) -> str | None:
     return None if value else "must not be empty"
 
@@ -83,7 +88,7 @@ class AuthJwtSettings:
     jwks_file: Path | None = setting(None, doc="RS*/PS*/ES*: local JSON Web Key Set")
     audience: str | None = setting(None, doc="required `aud`; unset: tokens with `aud` fail")
     issuer: str | None = setting(None, doc="required `iss`")
-    leeway_s: float = setting(0.0, check=_not_negative, doc="clock skew allowed on exp/nbf")
+    leeway_s: float = setting(0.0, check=not_negative, doc="clock skew allowed on exp/nbf")
     require_exp: bool = setting(True, doc="refuse tokens without `exp`")
     subject_claim: str = setting("sub", check=_claim_name, doc="claim naming the sender")
     chats_claim: str = setting("chats", check=_claim_name,

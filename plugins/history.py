@@ -48,6 +48,7 @@ from bridge import (
     StorageUnavailable,
     WorkerThread,
     hookimpl,
+    positive,
     setting,
 )
 
@@ -77,16 +78,12 @@ CREATE TABLE IF NOT EXISTS chats (
 """
 
 
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
 @dataclass(frozen=True)
 class HistorySettings:
-    retention_count: int = setting(1000, check=_positive, doc="events kept per chat, newest")
-    retention_age_s: float = setting(7 * 24 * 3600.0, check=_positive,
+    retention_count: int = setting(1000, check=positive, doc="events kept per chat, newest")
+    retention_age_s: float = setting(7 * 24 * 3600.0, check=positive,
                                      doc="events older than this (since stored) are pruned")
-    prune_interval_s: float = setting(60.0, check=_positive,
+    prune_interval_s: float = setting(60.0, check=positive,
                                       doc="how often the age pruning runs")
     synchronous: Literal["normal", "full"] = setting(
         "full", doc="normal: durable across a process crash; full: across a power loss too")

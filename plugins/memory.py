@@ -22,6 +22,7 @@ from bridge import (
     TransportContext,
     TransportType,
     hookimpl,
+    positive,
     setting,
 )
 
@@ -30,13 +31,9 @@ from bridge import (
 MEMORY_KIND = "memory"
 
 
-def _positive(v: int) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
 @dataclass(frozen=True)
 class MemorySettings:
-    capacity: int = setting(1024, check=_positive, doc="deliveries held until read")
+    capacity: int = setting(1024, check=positive, doc="deliveries held until read")
     reflect: bool = setting(False, doc="deliveries come back in as input (a loopback)")
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from bridge import AsyncAPIContext, AsyncAPIFragment, TransportType
 from bridge.asyncapi import build_document, render
 from bridge.cli import main
 from bridge.config import (
@@ -27,6 +29,7 @@ from bridge.config import (
     TransportConfig,
 )
 from bridge.contracts import CHAT, NOTIFICATIONS, load
+from bridge.plugins import Registry, build_plugin_manager
 from bridge.testing import MEMORY_AB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +52,8 @@ def errors(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [d for d in report["diagnostics"] if d["severity"] in ("error", "warning")]
 
 
-# Stand-ins with the settings names the websocket and amqp transports use; the export reads
-# them by name, so it does not depend on those plugins being installed.
+# Stand-ins with the settings names the websocket and amqp transports use: their describe
+# functions read only these.
 @dataclass(frozen=True)
 class WebSocketSettings:
     host: str = "127.0.0.1"
@@ -162,3 +165,66 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     path.write_text(MEMORY_AB.replace('["b"]', '["nowhere"]'))
     assert main(["asyncapi", "-c", str(path)]) == 1
     assert "unknown transport 'nowhere'" in capsys.readouterr().err
+
+
+def test_export_of_the_example_config_is_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    """tests/asyncapi_example.yaml is ``bridged asyncapi -c config.example.toml`` as it was
+    when the core still wrote every transport's part itself (only the version differs)."""
+    assert main(["asyncapi", "-c", str(ROOT / "config.example.toml")]) == 0
+    expected = (ROOT / "tests" / "asyncapi_example.yaml").read_text()
+    expected = expected.replace("  version: 0.1.0\n", f"  version: {version('bridged')}\n", 1)
+    assert capsys.readouterr().out == expected
+
+
+def test_the_core_names_no_transport() -> None:
+    """Each transport type describes itself; asyncapi.py knows none of them by name."""
+    source = (ROOT / "bridge" / "asyncapi.py").read_text().lower()
+    names = Registry.collect(build_plugin_manager()).transports
+    assert {"websocket", "amqp", "memory"} <= set(names)
+    assert [name for name in names if name in source] == []
+    assert "rabbitmq" not in source
+
+
+@dataclass(frozen=True)
+class PigeonSettings:
+    loft: str = "north"
+
+
+def describe_pigeon(name: str, settings: PigeonSettings, context: AsyncAPIContext
+                    ) -> AsyncAPIFragment:
+    return {"servers": {context.id(name): {"host": settings.loft, "protocol": "pigeon"}},
+            "channels": {context.id(name, "in"): {
+                "address": None, "servers": [context.ref("servers", context.id(name))],
+                "x-destination": context.destination}}}
+
+
+def test_a_plugin_transport_describes_itself(tmp_path: Path) -> None:
+    config = example_config(tmp_path)
+    config = Config(**{**vars(config), "transports": {
+        **config.transports, "coop": TransportConfig("coop", "pigeon", PigeonSettings())}})
+    def create(name: str, settings: Any) -> Any:
+        raise AssertionError("the export creates no transport")
+
+    types = {**Registry.collect(build_plugin_manager()).transports,
+             "pigeon": TransportType("pigeon", PigeonSettings, create, describe=describe_pigeon)}
+    doc = build_document(config, types)
+    assert doc["servers"]["coop"] == {"host": "north", "protocol": "pigeon"}
+    assert doc["channels"]["coop.in"]["x-destination"] is False
+    assert doc["servers"]["chat"]["protocol"] == "ws"  # the others are still there
+    del types["pigeon"]
+    assert "coop" not in build_document(config, types)["servers"]  # unknown type: left out
+
+
+@pytest.mark.parametrize("kept", ["chat", "rabbit"])
+def test_one_transport_alone_validates(tmp_path: Path, kept: str) -> None:
+    """Each transport's part stands alone: the components it refers to are in the document,
+    and the other transport's are not."""
+    config = example_config(tmp_path)
+    config = Config(**{**vars(config), "routes": (),
+                       "transports": {kept: config.transports[kept]}})
+    doc = build_document(config)
+    (tmp_path / "doc.json").write_text(render(doc, "json"))
+    (report,) = parse(tmp_path / "doc.json")
+    assert report["valid"], report
+    assert errors(report) == []
+    assert ("dead_notification" in doc["components"]["messages"]) == (kept == "rabbit")

@@ -164,3 +164,29 @@ def test_secret_from_file_env_and_placeholder(tmp_path: Path, monkeypatch: pytes
         "give either token or token_env, not both",
         "environment variable BRIDGED_UNSET_VAR is not set",
     ]
+
+
+def test_settings_checks_are_public_and_shared_by_the_built_ins() -> None:
+    """``bridge.positive``, ``bridge.not_negative`` and ``bridge.port_number`` are the API a
+    plugin's settings use; the built-ins use the same ones rather than private copies."""
+    import dataclasses
+
+    import bridge
+    from bridge_plugins.auth_jwt import AuthJwtSettings
+    from bridge_plugins.history import HistorySettings
+    from bridge_plugins.memory import MemorySettings
+    from bridge_plugins.websocket import WebSocketSettings
+
+    def check(cls: type[object], name: str) -> object:
+        (f,) = [f for f in dataclasses.fields(cls) if f.name == name]  # type: ignore[arg-type]
+        return f.metadata["check"]
+
+    assert {"positive", "not_negative", "port_number"} <= set(bridge.__all__)
+    assert (bridge.positive(1), bridge.positive(0)) == (None, "must be greater than 0")
+    assert (bridge.not_negative(0), bridge.not_negative(-1)) == (None, "must be 0 or more")
+    assert bridge.port_number(65536) == "must be a port number 0..65535"
+    assert check(WebSocketSettings, "port") is bridge.port_number
+    assert check(WebSocketSettings, "heartbeat_interval_s") is bridge.positive
+    assert check(HistorySettings, "retention_count") is bridge.positive
+    assert check(MemorySettings, "capacity") is bridge.positive
+    assert check(AuthJwtSettings, "leeway_s") is bridge.not_negative

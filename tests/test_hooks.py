@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import pluggy
 import pytest
 import trio
 
@@ -15,16 +20,19 @@ from bridge import (
     AuthError,
     Codec,
     Command,
+    ConfigError,
+    Identity,
     Message,
     PluginContext,
     ReplayGap,
     Transform,
     hookimpl,
 )
-from bridge.config import Config
+from bridge.config import Config, load_config
 from bridge.daemon import Daemon
-from bridge.plugins import Hooks, build_plugin_manager
-from bridge.testing import run_bridge
+from bridge.hookspecs import hookspec
+from bridge.plugins import Hooks, build_plugin_manager, refuse_unhonoured
+from bridge.testing import MEMORY_AB, run_bridge, write_config
 from bridge_plugins.memory import MemoryTransport
 
 CONFIG = """
@@ -104,7 +112,7 @@ class History:
 
 class Guard:
     @hookimpl
-    def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Any:
+    def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Identity | None:
         if request["headers"].get("x-key") == "bad":
             raise AuthError("bad key", status=403)
         return None  # abstain
@@ -112,9 +120,10 @@ class Guard:
 
 class KeyAuth:
     @hookimpl
-    async def bridge_authenticate_handshake(self, request: Mapping[str, Any]) -> Any:
+    async def bridge_authenticate_handshake(self, request: Mapping[str, Any]
+                                            ) -> Identity | None:
         await trio.lowlevel.checkpoint()
-        return {"sub": request["headers"].get("x-key")} if request["headers"] else None
+        return Identity(request["headers"]["x-key"]) if request["headers"] else None
 
 
 async def test_first_answer_hooks_mix_sync_and_async() -> None:
@@ -124,7 +133,7 @@ async def test_first_answer_hooks_mix_sync_and_async() -> None:
     with pytest.raises(ReplayGap):
         await hooks.replay("c1", "0" * 20)
     assert await hooks.authenticate({"headers": {}}) is None  # everyone abstains: anonymous
-    assert await hooks.authenticate({"headers": {"x-key": "ann"}}) == {"sub": "ann"}
+    assert await hooks.authenticate({"headers": {"x-key": "ann"}}) == Identity("ann")
     with pytest.raises(AuthError) as info:
         await hooks.authenticate({"headers": {"x-key": "bad"}})
     assert info.value.status == 403
@@ -198,7 +207,6 @@ class RoutesCommand:
 def test_plugin_command_gets_a_checked_config(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from bridge.cli import main
-    from bridge.testing import MEMORY_AB, write_config
 
     good = write_config(tmp_path, MEMORY_AB, name="good.toml")
     assert main(["routes", "-c", str(good), "--sep", ";"], extra_plugins=[RoutesCommand()]) == 7
@@ -206,3 +214,107 @@ def test_plugin_command_gets_a_checked_config(tmp_path: Path,
     bad = write_config(tmp_path, MEMORY_AB + "bogus = 1\n", name="bad.toml")
     assert main(["routes", "-c", str(bad)], extra_plugins=[RoutesCommand()]) == 1
     assert "routes[0].bogus: unknown key" in capsys.readouterr().err
+
+
+class WrappingEnricher:
+    """Review appendix A4: a new-style wrapper. ``Hooks`` would pass its generator object
+    on as "the message", breaking every message at run time."""
+
+    @hookimpl(wrapper=True)
+    def bridge_enrich_message(self, message: Message) -> Any:
+        return (yield)
+
+
+class OldStyleWrapper:
+    @hookimpl(hookwrapper=True)
+    def bridge_validate_message(self, message: Message, stage: str) -> Any:
+        yield
+
+
+
+
+@pytest.mark.parametrize(("plugin", "hook", "feature"), [
+    (WrappingEnricher(), "bridge_enrich_message", "wrapper=True"),
+    (OldStyleWrapper(), "bridge_validate_message", "hookwrapper=True"),
+])
+def test_wrapper_implementation_is_refused_at_start_up(plugin: object, hook: str,
+                                                       feature: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        build_plugin_manager(extra=[plugin])
+    (problem,) = refused.value.errors
+    assert hook in problem
+    assert feature in problem
+    assert "plugin '" in problem
+
+
+def test_config_with_a_wrapper_plugin_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MEMORY_AB)
+    with pytest.raises(ConfigError, match="bridge_enrich_message is a wrapper=True"):
+        load_config(path, extra_plugins=[WrappingEnricher()])
+
+
+def test_firstresult_spec_is_refused() -> None:
+    """The façade asks every implementation and picks the answer itself; a spec that says
+    otherwise would mislead plugin authors."""
+
+    class Specs:
+        @hookspec(firstresult=True)
+        def bridge_pick(self) -> int:
+            """Test spec."""
+            raise NotImplementedError
+
+    pm = pluggy.PluginManager("bridge")
+    pm.add_hookspecs(Specs)
+    with pytest.raises(ConfigError, match="hook bridge_pick is declared firstresult"):
+        refuse_unhonoured(pm)
+
+
+WRAPPER_PLUGIN = '''
+from bridge import hookimpl
+
+@hookimpl(wrapper=True)
+def bridge_enrich_message(message):
+    return (yield)
+'''
+MISSPELT_PLUGIN = '''
+from bridge import hookimpl
+
+@hookimpl
+def bridge_enrich_mesage(message):
+    return None
+'''
+
+
+@pytest.mark.parametrize(("source", "error"), [
+    (WRAPPER_PLUGIN, "plugins: plugin 'wrapplug': its bridge_enrich_message is a wrapper=True"),
+    (MISSPELT_PLUGIN, "plugins: plugin 'wrapplug': unknown hook 'bridge_enrich_mesage'"),
+], ids=["wrapper", "misspelt"])
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_installed_bad_plugin_fails_check_and_run_with_exit_1(tmp_path: Path, command: str,
+                                                              source: str, error: str) -> None:
+    """An installed third-party plugin, found through its entry point: ``check`` and ``run``
+    both refuse it as a config error (exit 1, no traceback)."""
+    (tmp_path / "bridged_wrapplug.py").write_text(source)
+    info = tmp_path / "bridged_wrapplug-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bridged-wrapplug\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text("[bridge]\nwrapplug = bridged_wrapplug\n")
+    config = write_config(tmp_path, '[plugins]\nenable = ["wrapplug"]\n[admin]\nenabled = false\n'
+                          + MEMORY_AB)
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", command, "-c", str(config)], capture_output=True,
+        text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert error in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_auth_hook_result_is_typed_identity_or_none() -> None:
+    """Type checkers see what an authentication hook returns, through the spec, the façade
+    and the transport context (they said ``Any``)."""
+    from bridge import TransportContext, hookspecs
+
+    for function in (hookspecs.bridge_authenticate_handshake, Hooks.authenticate,
+                     TransportContext.authenticate):
+        assert inspect.signature(function).return_annotation == "Identity | None", function

@@ -13,6 +13,7 @@ import trio.testing
 
 from bridge import (
     Accepted,
+    ConfigError,
     ContractError,
     DeliveryError,
     Failed,
@@ -311,8 +312,9 @@ def test_misspelt_hook_fails_at_start() -> None:
         def bridge_validat_message(self, message: Message) -> None:
             return None
 
-    with pytest.raises(pluggy.PluginValidationError, match="bridge_validat_message"):
+    with pytest.raises(ConfigError, match="bridge_validat_message") as refused:
         build_plugin_manager(extra=[Typo()])
+    assert isinstance(refused.value.__cause__, pluggy.PluginValidationError)
 
 
 def test_disable_builtin(tmp_path: Any) -> None:

@@ -161,16 +161,42 @@ class _Blocker:
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python does not export it
 
 
-def _collect(sock: socket.socket, out: list[tuple[float, bytes]]) -> None:
-    """Thread body: every datagram with the kernel's arrival time (CLOCK_REALTIME) until
-    b"STOP"; kernel stamps stay exact even if this thread is scheduled late."""
+class _Arrivals:
+    """The datagrams a collector thread received, each with the kernel's arrival time
+    (CLOCK_REALTIME), and a way for the test to wait until enough pings have arrived."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, bytes]] = []
+        self._token = trio.lowlevel.current_trio_token()
+        self._changed = trio.Event()
+
+    def add(self, item: tuple[float, bytes]) -> None:
+        """From the collector thread; never blocks, even while the trio loop does."""
+        self.items.append(item)
+        self._token.run_sync_soon(lambda: self._changed.set())
+
+    def pings(self) -> list[float]:
+        return [t for t, data in self.items if data == b"WATCHDOG=1"]
+
+    async def wait_for_pings(self, count: int, after: float) -> None:
+        with trio.fail_after(10):
+            while True:
+                self._changed = trio.Event()
+                if len([t for t in self.pings() if t >= after]) >= count:
+                    return
+                await self._changed.wait()
+
+
+def _collect(sock: socket.socket, out: _Arrivals) -> None:
+    """Thread body: every datagram into ``out`` until b"STOP"; kernel stamps stay exact even
+    if this thread is scheduled late."""
     while True:
         data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
         if data == b"STOP":
             return
         (_, _, stamp), = ancillary
         sec, nsec = struct.unpack("qq", stamp)
-        out.append((sec + nsec / 1e9, data))
+        out.add((sec + nsec / 1e9, data))
 
 
 async def test_the_watchdog_stops_while_the_loop_is_blocked(tmp_path: Path) -> None:
@@ -178,7 +204,7 @@ async def test_the_watchdog_stops_while_the_loop_is_blocked(tmp_path: Path) -> N
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(b"\0" + name[1:].encode())
     receiver.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    arrivals: list[tuple[float, bytes]] = []
+    arrivals = _Arrivals()
     thread = threading.Thread(target=_collect, args=(receiver, arrivals), daemon=True)
     thread.start()
     config = load_config(write_config(tmp_path, """
@@ -191,11 +217,12 @@ enabled = false
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         await service.ready.wait()
-        await trio.sleep(0.2)  # some pings on a healthy loop
+        await arrivals.wait_for_pings(3, after=0.0)  # some pings on a healthy loop
         a: Any = service.daemon.transports["a"]
         block = {"type": "update", "message": [{"type": "message", "text": "block"}]}
-        await a.inject(block, chat_id="c1")
-        await trio.sleep(0.2)  # the pings should come back
+        await a.inject(block, chat_id="c1")  # returns once the message is settled
+        assert blocker.blocked is not None
+        await arrivals.wait_for_pings(2, after=blocker.blocked[1])  # the pings come back
         await service.stop()
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender.sendto(b"STOP", b"\0" + name[1:].encode())
@@ -205,9 +232,9 @@ enabled = false
 
     assert blocker.blocked is not None
     start, end = blocker.blocked
-    pings = [t for t, data in arrivals if data == b"WATCHDOG=1"]
+    pings = arrivals.pings()
     assert len([t for t in pings if t < start]) >= 3
     assert [t for t in pings if start + 0.05 < t < end] == []  # blocked loop: no pings
     assert len([t for t in pings if t >= end]) >= 2  # and they resume
     assert max(b - a for a, b in itertools.pairwise(pings)) >= 0.55
-    assert any(data.startswith(b"READY=1") for _, data in arrivals)
+    assert any(data.startswith(b"READY=1") for _, data in arrivals.items)

@@ -12,46 +12,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge import ConfigError, TransportType, hookimpl, setting
+from bridge import ConfigError, TransportType, hookimpl, port_number, positive, setting
 
+from .asyncapi import describe
 from .server import WebSocketTransport
 
 __all__ = ["WebSocketSettings", "WebSocketTransport"]
 
 
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
-def _port(v: int) -> str | None:
-    return None if 0 <= v <= 65535 else "must be a port number 0..65535"
-
-
 @dataclass(frozen=True)
 class WebSocketSettings:
     host: str = setting("127.0.0.1", doc="address to listen on")
-    port: int = setting(3000, check=_port, doc="TCP port (0: any free port)")
+    port: int = setting(3000, check=port_number, doc="TCP port (0: any free port)")
     tls_cert: Path | None = setting(None, doc="PEM certificate chain; with tls_key: wss")
     tls_key: Path | None = setting(None, doc="PEM private key of tls_cert")
-    heartbeat_interval_s: float = setting(5.0, check=_positive,
+    heartbeat_interval_s: float = setting(5.0, check=positive,
                                           doc="seconds between heartbeats (heartbeat=true)")
-    max_message_bytes: int = setting(65536, check=_positive,
+    max_message_bytes: int = setting(65536, check=positive,
                                      doc="largest client frame; larger ones close with 1009")
-    outbound_queue: int = setting(256, check=_positive,
+    outbound_queue: int = setting(256, check=positive,
                                   doc="frames queued per socket; a full queue closes with 1013")
-    handshake_timeout_s: float = setting(10.0, check=_positive,
+    handshake_timeout_s: float = setting(10.0, check=positive,
                                          doc="a handshake not done by then is cut")
-    close_timeout_s: float = setting(5.0, check=_positive,
+    close_timeout_s: float = setting(5.0, check=positive,
                                      doc="time a closing socket gets to finish its close")
-    max_connections: int = setting(10000, check=_positive,
+    max_connections: int = setting(10000, check=positive,
                                    doc="connections at once; more are refused with 503")
     max_connections_per_address: int = setting(
-        64, check=_positive, doc="connections at once from one IP address; more get 429")
+        64, check=positive, doc="connections at once from one IP address; more get 429")
     allowed_origins: tuple[str, ...] = setting(
         (), doc="browser Origin values allowed ('*': any); empty: not checked")
-    rate_limit_per_s: float = setting(20.0, check=_positive,
+    rate_limit_per_s: float = setting(20.0, check=positive,
                                       doc="client frames per second per socket (refill rate)")
-    rate_burst: int = setting(40, check=_positive,
+    rate_burst: int = setting(40, check=positive,
                               doc="frames a socket may send at once; over the limit: 1008")
 
 
@@ -63,4 +56,4 @@ def _create(name: str, settings: Any) -> WebSocketTransport:
 
 @hookimpl
 def bridge_register_transports(register: Callable[[TransportType], None]) -> None:
-    register(TransportType("websocket", WebSocketSettings, _create))
+    register(TransportType("websocket", WebSocketSettings, _create, describe=describe))

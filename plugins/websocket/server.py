@@ -44,6 +44,7 @@ from bridge import (
     DeliveryError,
     Failed,
     Health,
+    Identity,
     Message,
     Outcome,
     Rejected,
@@ -370,7 +371,7 @@ class WebSocketTransport:
 
     async def _authenticate(self, ctx: TransportContext, chat: ChatRequest,
                             request: WebSocketRequest, headers: dict[str, str], remote: str
-                            ) -> Any:
+                            ) -> Identity | None:
         try:
             return await ctx.authenticate({
                 "path": chat.path, "chat_id": chat.chat_id, "headers": headers,
@@ -424,7 +425,7 @@ class WebSocketTransport:
         self._ctx_().gauge("open_sockets", self._sockets)
 
     async def _read(self, ctx: TransportContext, sock: _Socket,
-                    connection: WebSocketConnection, identity: Any,
+                    connection: WebSocketConnection, identity: Identity | None,
                     expires_at: float | None) -> None:
         """Client frames into the bridge until the connection closes or a frame is bad."""
         limit = self.settings.max_message_bytes
