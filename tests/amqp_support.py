@@ -21,13 +21,10 @@ from typing import Any
 
 import trio
 
-from bridge_plugins.amqp_seam import (
-    Connection,
-    Delivery,
-    Outgoing,
-    Properties,
-    open_island,
-)
+from bridge_plugins.amqp.connection import Connection
+from bridge_plugins.amqp.consumer import Delivery
+from bridge_plugins.amqp.island import open_island
+from bridge_plugins.amqp.publisher import Outgoing, Properties
 
 BROKER = "127.0.0.1", 5672
 

@@ -7,7 +7,7 @@ the dead-letter queue with the reason in its headers and then acknowledged. Outb
 ``deliver`` writes messages to an on-disk spool and returns; a publisher task drains the
 spool in order to the exchange, with publisher confirms, and removes what is confirmed.
 
-The broker connection lives on an asyncio thread behind ``bridge_plugins.amqp_seam``. See
+The broker connection lives on an asyncio thread (:mod:`.island`, :mod:`.connection`). See
 docs/amqp.md for settings, topology, delivery guarantees and failure behaviour.
 """
 
@@ -42,22 +42,12 @@ from bridge import (
     setting,
 )
 
-from .amqp_seam import (
-    Connection,
-    ConnectionLost,
-    Consumer,
-    Delivery,
-    Island,
-    Outgoing,
-    Properties,
-    Publisher,
-    PublishFailed,
-    SizeLimit,
-    TlsOptions,
-    open_island,
-)
-from .amqp_spool import Entry, Spool
-from .codecs import codec_for
+from ..codecs import codec_for
+from .connection import Connection, ConnectionLost, TlsOptions
+from .consumer import Consumer, Delivery, SizeLimit
+from .island import Island, open_island
+from .outbox import Entry, Spool
+from .publisher import Outgoing, Properties, Publisher, PublishFailed
 
 log = logging.getLogger("bridge.amqp")
 
