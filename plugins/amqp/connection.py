@@ -12,25 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Self, cast
 
 import aio_pika
 import aiormq
 import trio
 from aio_pika.connection import make_url
-from pamqp import commands as spec
 from yarl import URL
 
-from .consumer import Consumer, Delivery, SizeLimit
+from .consumer import Consumer, SizeLimit
 from .island import Island
 from .publisher import Publisher, describe
 
 log = logging.getLogger("bridge.amqp.seam")
-
-T = TypeVar("T")
 
 
 class ConnectionLost(ConnectionError):
@@ -75,7 +72,7 @@ class Connection:
     @classmethod
     async def open(cls, island: Island, url: str, *, heartbeat_s: int = 60,
                    timeout_s: float = 10.0, tls: TlsOptions | None = None,
-                   name: str = "bridged") -> Connection:
+                   name: str = "bridged") -> Self:
         """Connect to ``url`` (``amqp://`` or ``amqps://``)."""
         parsed = URL(url).update_query(heartbeat=str(heartbeat_s), name=name)
         ssl_context = tls.context() if tls is not None and parsed.scheme == "amqps" else None
@@ -144,48 +141,6 @@ class Connection:
                 await ch.close()
 
         await self.island.call(run)
-
-    async def _on_temporary_channel(
-            self, fn: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]) -> T:
-        """``fn(channel)`` on a channel opened for it and closed afterwards."""
-
-        async def run() -> T:
-            ch = await self._conn.channel(publisher_confirms=False)
-            try:
-                return await fn(await ch.get_underlay_channel())
-            finally:
-                await ch.close()
-
-        return await self.island.call(run)
-
-    async def queue_info(self, queue: str) -> tuple[int, int]:
-        """(messages ready, consumers) of an existing queue (passive declare)."""
-
-        async def run(raw: aiormq.abc.AbstractChannel) -> tuple[int, int]:
-            ok = await raw.queue_declare(queue, passive=True)
-            return ok.message_count or 0, ok.consumer_count or 0
-
-        return await self._on_temporary_channel(run)
-
-    async def queue_delete(self, queue: str) -> None:
-        await self._on_temporary_channel(lambda raw: raw.queue_delete(queue))
-
-    async def queue_purge(self, queue: str) -> None:
-        await self._on_temporary_channel(lambda raw: raw.queue_purge(queue))
-
-    async def exchange_delete(self, exchange: str) -> None:
-        await self._on_temporary_channel(lambda raw: raw.exchange_delete(exchange))
-
-    async def get(self, queue: str) -> Delivery | None:
-        """Fetch one message with ``basic.get`` and auto-ack (for tools and tests)."""
-
-        async def run(raw: aiormq.abc.AbstractChannel) -> Delivery | None:
-            msg = await raw.basic_get(queue, no_ack=True)
-            if isinstance(msg.delivery, spec.Basic.GetEmpty):
-                return None
-            return Delivery.from_aiormq(msg)
-
-        return await self._on_temporary_channel(run)
 
     async def open_publisher(self, window: int) -> Publisher:
         """A channel in confirm mode with at most ``window`` unconfirmed publishes."""

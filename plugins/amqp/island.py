@@ -220,7 +220,7 @@ def _loop_thread(loop: asyncio.AbstractEventLoop, island: Island, done: trio.Eve
 
 
 @contextlib.asynccontextmanager
-async def open_island(name: str = "amqp", *, close_timeout: float = 5.0
+async def open_island(name: str = "island", *, close_timeout: float = 5.0
                       ) -> AsyncIterator[Island]:
     """Start an asyncio loop in a thread for the duration of the block.
 
