@@ -5,6 +5,8 @@ One job per module (docs/amqp.md):
 * :mod:`.transport`: the transport (settings, decoding, the pipeline's side) and its
   registration;
 * :mod:`.outbox`: the on-disk spool of messages waiting to be published;
+* :mod:`.inbox`: the consumed deliveries in hand, the ids settled lately, and the one call
+  that settles a delivery (ack, dead letter, or leave it to the broker) with its copies;
 * :mod:`.connection`: one broker connection (open, declare, lost, close);
 * :mod:`.publisher` and :mod:`.consumer`: publishing and consuming on aiormq 7.2's
   internals;
