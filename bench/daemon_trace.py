@@ -24,7 +24,8 @@ import time
 from typing import Any
 
 from bridge import pipeline
-from bridge_plugins import amqp, amqp_seam
+from bridge_plugins import amqp
+from bridge_plugins.amqp import consumer as amqp_consumer
 
 stages: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
 ages: dict[str, list[float]] = collections.defaultdict(list)
@@ -89,7 +90,7 @@ async def handle(self: Any, consumer: Any, d: Any) -> None:
 
 amqp.AmqpTransport._handle = handle  # type: ignore[method-assign]  # diagnosis
 
-_on_message = amqp_seam.Consumer._on_message_aio
+_on_message = amqp_consumer.Consumer._on_message_aio
 
 
 def on_message(self: Any, message: Any) -> None:
@@ -98,7 +99,7 @@ def on_message(self: Any, message: Any) -> None:
     _on_message(self, message)
 
 
-amqp_seam.Consumer._on_message_aio = on_message  # type: ignore[method-assign]  # diagnosis
+amqp_consumer.Consumer._on_message_aio = on_message  # type: ignore[method-assign]  # diagnosis
 
 
 def percentiles(values: list[float]) -> str:

@@ -1,4 +1,4 @@
-"""Benchmark: the trio seam (bridge_plugins.amqp_seam) against plain asyncio aio-pika.
+"""Benchmark: the trio seam (bridge_plugins.amqp) against plain asyncio aio-pika.
 
 Publish: N messages with publisher confirms and a window of unconfirmed messages.
 Consume: N messages, manual ack, bounded prefetch (the queue is filled before timing).
@@ -35,7 +35,9 @@ import aio_pika
 import trio
 from harness import commit
 
-from bridge_plugins.amqp_seam import Connection, Outgoing, Properties, open_island
+from bridge_plugins.amqp.connection import Connection
+from bridge_plugins.amqp.island import open_island
+from bridge_plugins.amqp.publisher import Outgoing, Properties
 
 CONFIGS = ("publish/asyncio", "publish/seam", "consume/asyncio", "consume/seam")
 RESULTS = Path(__file__).parent / "results"

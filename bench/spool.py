@@ -1,4 +1,4 @@
-"""Benchmark: the AMQP outbox (bridge_plugins.amqp_spool) append and drain cost.
+"""Benchmark: the AMQP outbox (bridge_plugins.amqp.outbox) append and drain cost.
 
 For each batch size and sync mode: append N entries (one transaction per batch, as the
 pipeline does with one deliver() call per batch), then read and remove them in pages of
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import trio
 
-from bridge_plugins.amqp_spool import Entry, Spool
+from bridge_plugins.amqp.outbox import Entry, Spool
 
 RESULTS = Path(__file__).parent / "results"
 BODY = json.dumps({"type": "update", "eventId": "0" * 20, "message": [

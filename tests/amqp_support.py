@@ -13,23 +13,24 @@ import json
 import ssl
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
+import aiormq
 import trio
+from pamqp import commands as spec
 
-from bridge_plugins.amqp_seam import (
-    Connection,
-    Delivery,
-    Outgoing,
-    Properties,
-    open_island,
-)
+from bridge_plugins.amqp.connection import Connection
+from bridge_plugins.amqp.consumer import Delivery
+from bridge_plugins.amqp.island import open_island
+from bridge_plugins.amqp.publisher import Outgoing, Properties
 
 BROKER = "127.0.0.1", 5672
+
+T = TypeVar("T")
 
 
 @cache
@@ -87,10 +88,50 @@ async def close_all_connections() -> None:
                            capture_stdout=True, capture_stderr=True)
 
 
+class AdminConnection(Connection):
+    """A connection with the operations that only tests use, each on a channel of its own."""
+
+    async def _on_temporary_channel(
+            self, fn: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]) -> T:
+        """``fn(channel)`` on a channel opened for it and closed afterwards."""
+
+        async def run() -> T:
+            ch = await self._conn.channel(publisher_confirms=False)
+            try:
+                return await fn(await ch.get_underlay_channel())
+            finally:
+                await ch.close()
+
+        return await self.island.call(run)
+
+    async def queue_info(self, queue: str) -> tuple[int, int]:
+        """(messages ready, consumers) of an existing queue (passive declare)."""
+
+        async def run(raw: aiormq.abc.AbstractChannel) -> tuple[int, int]:
+            ok = await raw.queue_declare(queue, passive=True)
+            return ok.message_count or 0, ok.consumer_count or 0
+
+        return await self._on_temporary_channel(run)
+
+    async def queue_delete(self, queue: str) -> None:
+        await self._on_temporary_channel(lambda raw: raw.queue_delete(queue))
+
+    async def get(self, queue: str) -> Delivery | None:
+        """Fetch one message with ``basic.get`` and auto-ack."""
+
+        async def run(raw: aiormq.abc.AbstractChannel) -> Delivery | None:
+            msg = await raw.basic_get(queue, no_ack=True)
+            if isinstance(msg.delivery, spec.Basic.GetEmpty):
+                return None
+            return Delivery.from_aiormq(msg)
+
+        return await self._on_temporary_channel(run)
+
+
 class Broker:
     """Test-side access to the broker through the seam."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: AdminConnection) -> None:
         self.conn = conn
 
     async def publish(self, routing_key: str, body: bytes, *, exchange: str = "",
@@ -132,7 +173,7 @@ class Broker:
 async def open_broker(url: str | None = None) -> AsyncIterator[Broker]:
     """A connection to the test broker (this process's vhost unless ``url`` says)."""
     async with open_island("test") as island:
-        conn = await Connection.open(island, url or broker_url(), timeout_s=5)
+        conn = await AdminConnection.open(island, url or broker_url(), timeout_s=5)
         try:
             yield Broker(conn)
         finally:

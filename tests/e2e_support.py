@@ -25,7 +25,7 @@ from ops_support import REPO, Bridged, NotifySocket, abstract_name, http, start_
 from trio_websocket import WebSocketConnection
 from ws_support import client, receive, update
 
-from bridge_plugins.amqp_seam import Delivery
+from bridge_plugins.amqp.consumer import Delivery
 
 EXAMPLE = REPO / "config.example.toml"
 #: The example config's AMQP names, kept as they are (each test has a vhost of its own).

@@ -15,7 +15,7 @@ from rabbit_node import private_node
 
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.amqp import AmqpTransport
-from bridge_plugins.amqp_seam import Outgoing, Properties
+from bridge_plugins.amqp.publisher import Outgoing, Properties
 from bridge_plugins.memory import MemoryTransport
 
 #: Broker accepting TCP -> the transport consuming again, at most (issue 14, item 10).

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from bridge_plugins import amqp_spool
-from bridge_plugins.amqp_spool import Entry, Spool, SpoolFull
+from bridge_plugins.amqp import outbox as amqp_spool
+from bridge_plugins.amqp.outbox import Entry, Spool, SpoolFull
 
 
 def entry(n: int) -> Entry:

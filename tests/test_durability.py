@@ -30,7 +30,7 @@ from bridge import (
 )
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.amqp import AmqpTransport
-from bridge_plugins.amqp_spool import Entry, Spool
+from bridge_plugins.amqp.outbox import Entry, Spool
 from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 # The fan-out route is listed first: the order that once let the echo out before the outbox.

@@ -7,7 +7,7 @@ the dead-letter queue with the reason in its headers and then acknowledged. Outb
 ``deliver`` writes messages to an on-disk spool and returns; a publisher task drains the
 spool in order to the exchange, with publisher confirms, and removes what is confirmed.
 
-The broker connection lives on an asyncio thread behind ``bridge_plugins.amqp_seam``. See
+The broker connection lives on an asyncio thread (:mod:`.island`, :mod:`.connection`). See
 docs/amqp.md for settings, topology, delivery guarantees and failure behaviour.
 """
 
@@ -42,24 +42,14 @@ from bridge import (
     setting,
 )
 
-from .amqp_asyncapi import describe as describe_asyncapi
-from .amqp_seam import (
-    Connection,
-    ConnectionLost,
-    Consumer,
-    Delivery,
-    Island,
-    Outgoing,
-    Properties,
-    Publisher,
-    PublishFailed,
-    SizeLimit,
-    TlsOptions,
-    open_island,
-    refused_by_broker,
-)
-from .amqp_spool import Entry, Spool
-from .codecs import codec_for
+from ..codecs import codec_for
+from .asyncapi import describe as describe_asyncapi
+from .connection import Connection, ConnectionLost, TlsOptions, refused_by_broker
+from .consumer import Consumer, Delivery, SizeLimit
+from .inbox import ACK, LEAVE, DeadLetter, Inbox
+from .island import Island, open_island
+from .outbox import Entry, Spool
+from .publisher import Outgoing, Properties, Publisher, PublishFailed
 
 log = logging.getLogger("bridge.amqp")
 
@@ -171,7 +161,7 @@ class AmqpTransport:
         self._last_error = "not connected yet"
         self._changed = trio.Event()  # fired on spool and connection changes
         self._spool_grown = trio.Event()
-        self._seen: dict[str, None] = {}  # recently handled message ids, oldest first
+        self._inbox = Inbox(settings.dedupe_window)  # what is consumed and not yet settled
         #: id(message) -> its outbox seqs (one per leg to this transport), until commit
         self._held: dict[int, list[int]] = {}
         self._to_drop: list[int] = []  # outbox seqs to delete at the next commit
@@ -179,11 +169,10 @@ class AmqpTransport:
         self._commit_failed = trio.Event()  # set when a commit failed: retried later
         #: deliveries of the current consumer that failed for a transient reason (storage
         #: down), to submit again
-        self._parked: list[tuple[Message, Delivery]] = []
+        self._parked: list[tuple[Consumer, Message, Delivery]] = []
         self._unparked = trio.Event()  # set while nothing is parked
         self._unparked.set()
         self._parked_now = trio.Event()  # fired when the first delivery is parked
-        self._inflight: dict[str, list[tuple[Consumer, int]]] = {}
         self._tls = TlsOptions(
             ca_file=_path(settings.tls_ca_file), cert_file=_path(settings.tls_cert_file),
             key_file=_path(settings.tls_key_file), verify=settings.tls_verify)
@@ -549,9 +538,9 @@ class AmqpTransport:
             await trio.sleep(pause * random.uniform(0.75, 1.0))
             if not self._accepting or consumer is not self._consumer:
                 return
-            parked, self._parked = sorted(self._parked, key=lambda p: p[1].tag), []
+            parked, self._parked = sorted(self._parked, key=lambda p: p[2].tag), []
             round_ = _Round(len(parked))
-            for message, d in parked:
+            for _, message, d in parked:
                 await self.ctx.submit(message, partial(self._settle_retried, round_,
                                                        consumer, d, message))
             await round_.done.wait()
@@ -566,8 +555,8 @@ class AmqpTransport:
         while self._unparked.is_set():
             await self._parked_now.wait()
 
-    def _park(self, message: Message, d: Delivery) -> None:
-        self._parked.append((message, d))
+    def _park(self, consumer: Consumer, message: Message, d: Delivery) -> None:
+        self._parked.append((consumer, message, d))
         if self._unparked.is_set():
             self._unparked = trio.Event()
             self._parked_now.set()
@@ -576,8 +565,8 @@ class AmqpTransport:
     def _unpark_all(self) -> None:
         """The consumer is gone (connection lost, shutting down): the broker redelivers what
         was parked; let the copies held behind them go too."""
-        for _, d in self._parked:
-            self._handled(d.message_id, False)
+        for consumer, _, d in self._parked:
+            self._inbox.settle(consumer, d, LEAVE)
         self._parked.clear()
         self._unparked.set()
 
@@ -588,29 +577,17 @@ class AmqpTransport:
                                  f" {self.settings.consume_queue}")
 
     async def _handle(self, consumer: Consumer, d: Delivery) -> None:
-        mid = d.message_id
-        if mid:
-            if mid in self._seen:
-                self._duplicate()
-                consumer.ack(d.tag)
-                return
-            waiting = self._inflight.get(mid)
-            if waiting is not None:  # a redelivery of what is still in the pipeline
-                self._duplicate()
-                waiting.append((consumer, d.tag))
-                return
+        if self._inbox.duplicate(consumer, d):  # acknowledged, or held behind the first copy
+            self.ctx.count("duplicates_total")
+            self._fire()
+            return
         try:
             message = self._decode(d)
         except DecodeError as e:
             self._dead_letter(consumer, d, "DecodeError", str(e))
             return
-        if mid:
-            self._inflight[mid] = []
+        self._inbox.handling(d)
         await self.ctx.submit(message, partial(self._settle, consumer, d, message))
-
-    def _duplicate(self) -> None:
-        self.ctx.count("duplicates_total")
-        self._fire()
 
     def _decode(self, d: Delivery) -> Message:
         content_type = d.content_type or "application/json"
@@ -633,13 +610,12 @@ class AmqpTransport:
         park it to submit it again later (a transient failure: storage is down)."""
         if isinstance(outcome, Failed) and outcome.retry:
             if consumer.stopped or not self._accepting or consumer is not self._consumer:
-                self._handled(d.message_id, False)  # shutting down or reconnected: the
-            else:                                   # broker keeps it and redelivers it
-                self._park(message, d)
+                self._inbox.settle(consumer, d, LEAVE)  # shutting down or reconnected: the
+            else:                                       # broker keeps it and redelivers it
+                self._park(consumer, message, d)
             return
         if isinstance(outcome, Accepted):
-            consumer.ack(d.tag)
-            self._handled(d.message_id, True)
+            self._inbox.settle(consumer, d, ACK)
             return
         if isinstance(outcome, Rejected):
             self._dead_letter(consumer, d, type(outcome.error).__name__, outcome.reason)
@@ -677,9 +653,8 @@ class AmqpTransport:
         def done(ok: bool) -> None:
             if ok:
                 ctx.count("dead_letters_total", reason=reason)
-            self._handled(d.message_id, ok)
 
-        consumer.dead_letter(d.tag, s.dead_letter_queue, d.body, props, done)
+        self._inbox.settle(consumer, d, DeadLetter(s.dead_letter_queue, props, done))
 
     def _dead_letter_properties(self, d: Delivery, reason: str, error: str) -> Properties:
         """The dead letter's properties: the original ones and the reason in headers."""
@@ -694,21 +669,6 @@ class AmqpTransport:
             "x-bridge-original-routing-key": d.routing_key,
         })
         return Properties(d.content_type, d.message_id, True, headers)
-
-    def _handled(self, mid: str, final: bool) -> None:
-        """Delivery with id ``mid`` is acknowledged (``final``) or left for redelivery."""
-        if not mid:
-            return
-        waiting = self._inflight.pop(mid, [])
-        if not final:  # the first copy stays unsettled: let the held copies be handled
-            for consumer, tag in waiting:
-                consumer.requeue(tag)
-            return
-        self._seen[mid] = None
-        if len(self._seen) > self.settings.dedupe_window:
-            del self._seen[next(iter(self._seen))]
-        for consumer, tag in waiting:
-            consumer.ack(tag)
 
 
 class _Round:
