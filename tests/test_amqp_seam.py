@@ -20,7 +20,7 @@ import trio
 from amqp_support import Names, broker_url, close_all_connections, open_broker
 
 from bridge_plugins.amqp.connection import Connection, ConnectionLost
-from bridge_plugins.amqp.consumer import Consumer, Delivery
+from bridge_plugins.amqp.consumer import Consumer, Delivery, SizeLimit
 from bridge_plugins.amqp.island import open_island
 from bridge_plugins.amqp.publisher import Confirm, Outgoing, Properties, Publisher
 
@@ -371,3 +371,96 @@ async def test_ctrl_c_during_heavy_traffic_exits_cleanly() -> None:
             await proc.wait()
             await proc.stdout.aclose()
             await proc.stderr.aclose()
+
+
+async def test_cancelling_while_too_large_deliveries_are_dead_lettered_does_not_wedge() -> None:
+    """The consumer channel's reader writes an oversize body's dead letter itself. On the
+    consumer's own channel that write waited for the channel lock, which basic.cancel holds
+    until the reader delivers its CancelOk: a deadlock that wedged the whole connection.
+    Dead letters now have a channel of their own."""
+    names = Names.make()
+    n = 30
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue, names.dead])
+        publisher = await broker.conn.open_publisher(64)
+        await publisher.publish([Outgoing("", names.queue, b"x" * (2 << 20),
+                                          Properties("text/plain", f"big{i}", True, {}), i)
+                                 for i in range(n)])
+        confirmed = 0
+        while confirmed < n:
+            confirmed += len(await publisher.confirms())
+        first = trio.Event()
+        done: list[bool] = []
+
+        def dead_lettered(d: Delivery, size: int, ok: bool) -> None:
+            done.append(ok)
+            first.set()
+
+        limit = SizeLimit(1024, names.dead, lambda d, size: Properties(
+            "text/plain", d.message_id, True, {}), dead_lettered)
+        async with open_island("c") as island:
+            conn = await Connection.open(island, broker_url())
+            consumer = await conn.open_consumer(names.queue, 10, size_limit=limit)
+            with trio.fail_after(10):
+                await first.wait()
+            consumer.cancel()
+            with trio.fail_after(10):
+                await consumer.cancel_done.wait()  # answered: the reader is not stuck
+                other = await conn.open_publisher(1)  # and the connection still works
+                await other.publish([Outgoing("", names.dead, b"after",
+                                              Properties("text/plain", "after", True, {}), 0)])
+                (ok,) = await other.confirms()
+            assert ok.ok
+            await conn.close()
+        # every body is either dead-lettered (and acked) or back in its queue, never both
+        assert await broker.ready(names.queue) + await broker.ready(names.dead) == n + 1
+
+
+async def test_a_close_right_after_a_dead_letter_sends_its_ack() -> None:
+    """The close waits for the dead letter's confirm and then for the ack it leads to: the
+    delivery is not left to the broker to redeliver (a second dead letter)."""
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue, names.dead])
+        for i in range(20):
+            await broker.publish(names.queue, b"poison", message_id=f"p{i}")
+        results: list[bool] = []
+        async with open_island("c") as island:
+            conn = await Connection.open(island, broker_url())
+            consumer = await conn.open_consumer(names.queue, 20)
+            held: list[Delivery] = []
+            with trio.fail_after(5):
+                while len(held) < 20:
+                    held += await consumer.receive()
+            for d in held:
+                consumer.dead_letter(d.tag, names.dead, d.body,
+                                     Properties("text/plain", d.message_id, True, {}),
+                                     results.append)
+            await conn.close()  # at once: the confirms are still on their way
+        assert results == [True] * 20
+        assert await broker.ready(names.queue) == 0
+        assert len(await broker.read(names.dead, 20)) == 20
+        assert await broker.ready(names.dead) == 0
+
+
+async def test_a_close_while_too_large_deliveries_are_dead_lettered_acks_each() -> None:
+    """Each body over the size limit ends in the dead-letter queue or stays in its queue,
+    never in both: a close waits for the confirms of the dead letters written, then for
+    their acks."""
+    names = Names.make()
+    async with open_broker() as broker:
+        await broker.conn.declare(queues=[names.queue, names.dead])
+        for i in range(10):
+            await broker.publish(names.queue, b"x" * 300_000, message_id=f"big{i}")
+        first = trio.Event()
+        limit = SizeLimit(1000, names.dead, lambda d, size: Properties(
+            "text/plain", d.message_id, True, {}), lambda d, size, ok: first.set())
+        async with open_island("c") as island:
+            conn = await Connection.open(island, broker_url())
+            await conn.open_consumer(names.queue, 10, size_limit=limit)
+            with trio.fail_after(5):
+                await first.wait()
+            await conn.close()  # while the others are being dead-lettered
+        assert await broker.ready(names.queue) + await broker.ready(names.dead) == 10
+
+

@@ -150,10 +150,15 @@ class Connection:
                             dead_letter_confirms: bool = True,
                             size_limit: SizeLimit | None = None) -> Consumer:
         """Consume ``queue`` with manual acks and ``prefetch`` unacked deliveries at most.
-        The channel is in confirm mode so that dead letters are confirmed before the ack.
+        Dead letters go out on a second channel, in confirm mode so that they are
+        confirmed before the delivery is acknowledged.
         ``size_limit``: what happens to a delivery too large to hand over (see there)."""
-        raw = await self._channel(confirms=dead_letter_confirms)
-        consumer = Consumer(self.island, raw, prefetch, size_limit)
+        raw = await self._channel(confirms=False)
+        # Dead letters go out on a channel of their own: the consumer channel's reader writes
+        # an oversize body's dead letter itself, and must never wait on a lock that a
+        # basic.cancel on its own channel holds until the reader delivers the CancelOk.
+        dead_letters = await self._channel(confirms=dead_letter_confirms)
+        consumer = Consumer(self.island, raw, prefetch, size_limit, dead_letters)
         self._consumers.append(consumer)
         await self.island.call(partial(consumer._start_aio, queue, prefetch))
         return consumer
@@ -161,10 +166,14 @@ class Connection:
     async def close(self, grace_s: float = 5.0) -> None:
         """Close gracefully, shielded and bounded by ``grace_s`` seconds."""
         async def close() -> None:
-            # Acks and dead letters still queued go out before the connection closes.
-            settling = [t for c in self._consumers for t in c._settle_now_aio()]
-            if settling:
-                await asyncio.wait(settling, timeout=grace_s)
+            # Acks and dead letters still queued go out before the connection closes; a
+            # dead letter confirmed meanwhile queues its ack, which is awaited in turn.
+            deadline = asyncio.get_running_loop().time() + grace_s
+            while settling := [t for c in self._consumers for t in c._settle_now_aio()]:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait(settling, timeout=left)
             await self._conn.close()
 
         with trio.CancelScope(shield=True), trio.move_on_after(grace_s):

@@ -126,9 +126,12 @@ class Consumer:
     """
 
     def __init__(self, island: Island, channel: aiormq.Channel, prefetch: int,
-                 size_limit: SizeLimit | None = None) -> None:
+                 size_limit: SizeLimit | None = None,
+                 dead_letters: aiormq.Channel | None = None) -> None:
         self.island = island
         self._raw = channel
+        #: where dead letters are published (a channel of their own; this one by default)
+        self._out = dead_letters if dead_letters is not None else channel
         self._size_limit = size_limit
         self.tag = ""
         # The broker sends at most `prefetch` unacked deliveries: the channel cannot overflow.
@@ -141,6 +144,7 @@ class Consumer:
         self._ready: set[int] = set()
         self._settling: set[asyncio.Future[Any]] = set()
         self._flush_scheduled = False
+        self._closing = False  # the connection is closing: no new dead letter of our own
 
     async def _start_aio(self, queue: str, prefetch: int) -> None:  # asyncio thread
         """Set the prefetch, read deliveries inline and start consuming ``queue``."""
@@ -178,13 +182,14 @@ class Consumer:
         wanted = frame.consumer_tag is not None and frame.consumer_tag in raw.consumers
         bare = Delivery.from_aiormq(DeliveredMessage(delivery=frame, header=header, body=b"",
                                                      channel=raw))
+        out = self._out  # the dead letters' channel: its lock never waits on this reader
         if wanted:
             self._unacked[bare.tag] = None  # in delivery order, as _on_message_aio does
             props = limit.properties(bare, size)
             chunks = [marshal(spec.Basic.Publish(exchange="", routing_key=limit.queue),
-                              raw.number),
+                              out.number),
                       marshal(ContentHeader(properties=props.to_pamqp(), body_size=size),
-                              raw.number)]
+                              out.number)]
         read = 0
         while read < size:  # the body frames must be read off the channel either way
             body = await raw._get_frame()
@@ -192,25 +197,31 @@ class Consumer:
                 raise ValueError(f"unexpected frame {body!r} in a message body")
             read += len(body.value)
             if wanted:
-                chunks.append(marshal(body, raw.number))
+                chunks.append(marshal(body, out.number))
         if not wanted:
             return  # as aiormq does: no consumer (cancelled); the broker redelivers it
         payload = b"".join(chunks)
         del chunks
+        settled = asyncio.get_running_loop().create_future()  # the close waits for it
+        self._track(settled)
         try:
-            async with raw.lock:  # the channel's publishes take their tags in order
-                raw.delivery_tag += 1
-                confirmation = raw.create_future() if raw.publisher_confirms else None
+            async with out.lock:  # the channel's publishes take their tags in order
+                if self._closing:  # its ack could not follow: the broker redelivers it
+                    settled.set_result(None)
+                    return
+                out.delivery_tag += 1
+                confirmation = out.create_future() if out.publisher_confirms else None
                 if confirmation is not None:
-                    raw.confirmations[raw.delivery_tag] = confirmation
-                drain = raw.create_future()
-                await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False,
+                    out.confirmations[out.delivery_tag] = confirmation
+                drain = out.create_future()
+                await out.write_queue.put(ChannelFrame(payload=payload, should_close=False,
                                                        drain_future=drain))
             del payload
             await drain  # written: the next body may be read
         except Exception as e:
             log.warning("dead-lettering delivery %d (too large) failed: %s", bare.tag,
                         describe(e))
+            settled.set_result(None)
             self.island.to_trio(partial(limit.done, bare, size, False))
             return
 
@@ -219,10 +230,13 @@ class Consumer:
                   and isinstance(future.result(), spec.Basic.Ack))
             if ok:
                 self._ready_aio(bare.tag)
+            if not settled.done():
+                settled.set_result(None)
             self.island.to_trio(partial(limit.done, bare, size, ok))
 
         if confirmation is None:
             self._ready_aio(bare.tag)
+            settled.set_result(None)
             self.island.to_trio(partial(limit.done, bare, size, True))
         else:
             confirmation.add_done_callback(confirmed)
@@ -304,7 +318,7 @@ class Consumer:
         async def run() -> None:
             ok = False
             try:
-                result = await self._raw.basic_publish(
+                result = await self._out.basic_publish(
                     body, exchange="", routing_key=queue, properties=properties.to_pamqp())
                 ok = result is None or isinstance(result, spec.Basic.Ack)
             except Exception as e:
@@ -322,6 +336,7 @@ class Consumer:
     def _settle_now_aio(self) -> list[asyncio.Future[Any]]:  # asyncio thread
         """Send the acks that wait for the next loop turn; the acks and dead letters in
         progress, to await before closing."""
+        self._closing = True
         if self._flush_scheduled:
             self._flush_aio()
         return list(self._settling)
