@@ -90,13 +90,23 @@ def write_result(state_dir: Path, result: ReloadResult | None, started_ns: int) 
     ``started_ns`` is ``time.monotonic_ns()`` when the reload began (after the signal that
     asked for it); ``result`` None means it was ignored (the daemon is draining)."""
     outcome = "ignored" if result is None else "applied" if result.ok else "refused"
-    entry = {"started_ns": started_ns, "outcome": outcome,
+    entry = {"pid": os.getpid(), "boot_id": boot_id(), "started_ns": started_ns,
+             "outcome": outcome,
              "summary": "the daemon is draining" if result is None else result.summary(),
              "errors": [] if result is None else result.errors}
     path = Path(state_dir) / RESULT_FILE
     tmp = path.with_name(f".{RESULT_FILE}.{os.getpid()}")
     tmp.write_text(json.dumps(entry) + "\n")
     os.replace(tmp, path)
+
+
+def boot_id() -> str:
+    """This boot's id (Linux); the monotonic clock in ``started_ns`` counts from the boot,
+    so a result written before a reboot must never pass for a new one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def read_result(state_dir: Path) -> dict[str, Any] | None:
@@ -109,8 +119,10 @@ def read_result(state_dir: Path) -> dict[str, Any] | None:
 
 def request_and_wait(pid: int, state_dir: Path, timeout_s: float, *,
                      poll_s: float = 0.02) -> tuple[int, str]:
-    """Send SIGHUP to ``pid`` and wait for the outcome of a reload that began after it:
-    (an exit code of ``bridged reload``, a line for the operator)."""
+    """Send SIGHUP to ``pid`` and wait for the outcome of a reload that began after it, in
+    that process and this boot: (an exit code of ``bridged reload``, a line for the
+    operator)."""
+    boot = boot_id()
     sent = time.monotonic_ns()
     try:
         os.kill(pid, signal.SIGHUP)
@@ -119,7 +131,8 @@ def request_and_wait(pid: int, state_dir: Path, timeout_s: float, *,
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         entry = read_result(state_dir)
-        if entry is not None and int(entry.get("started_ns", 0)) >= sent:
+        if (entry is not None and entry.get("pid") == pid and entry.get("boot_id") == boot
+                and int(entry.get("started_ns", 0)) >= sent):
             code = {"applied": RELOAD_APPLIED, "refused": RELOAD_REFUSED}.get(
                 str(entry.get("outcome")), RELOAD_NO_OUTCOME)
             return code, "\n".join([*entry.get("errors", []), str(entry.get("summary"))])

@@ -9,11 +9,14 @@ import resource
 import signal
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import trio
 from ops_support import REPO, NotifySocket, abstract_name, install_opsplug, start_bridged, states
 
+from bridge.reload import RELOAD_NO_OUTCOME, RESULT_FILE, boot_id, request_and_wait
 from bridge.testing import write_config
 
 TWO_ROUTES = """
@@ -236,3 +239,30 @@ async def test_bridged_reload_returns_once_applied_and_fails_on_a_refused_config
         if bridged.process.returncode is None:
             bridged.process.kill()
             await bridged.process.wait()
+
+
+async def test_bridged_reload_never_takes_a_result_of_another_process_or_boot(
+        tmp_path: Path) -> None:
+    """The outcome file survives reboots, and the monotonic clock in it restarts at each
+    boot: a result from before a reboot (or of another process) is no answer."""
+    ignores = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP,"
+         " signal.SIG_IGN); print(flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
+    try:
+        assert ignores.stdout is not None
+        await ignores.stdout.receive_some(1)  # SIGHUP is ignored from here on
+        stale = {"pid": ignores.pid, "boot_id": "a boot long ago",
+                 "started_ns": time.monotonic_ns() + 10**15, "outcome": "applied",
+                 "summary": "reloaded before the reboot", "errors": []}
+        (tmp_path / RESULT_FILE).write_text(json.dumps(stale))
+        code, line = await trio.to_thread.run_sync(
+            partial(request_and_wait, ignores.pid, tmp_path, 0.5))
+        assert code == RELOAD_NO_OUTCOME, line
+        (tmp_path / RESULT_FILE).write_text(json.dumps(
+            {**stale, "boot_id": boot_id(), "pid": ignores.pid + 1}))  # another process
+        code, line = await trio.to_thread.run_sync(
+            partial(request_and_wait, ignores.pid, tmp_path, 0.5))
+        assert code == RELOAD_NO_OUTCOME, line
+    finally:
+        ignores.kill()
+        await ignores.wait()
