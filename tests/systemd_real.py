@@ -66,6 +66,9 @@ def checkout_copy(directory: Path) -> Path:
 def build_wheelhouse(checkout: Path) -> Path:
     """The documented offline-install wheelhouse (docs/operations.md, Install), built in
     ``checkout`` with the host's Python (3.11, like bookworm's); its path."""
+    # cp311 wheels for bookworm's Python 3.11: another host Python would build wheels that
+    # the container's pip cannot install offline, a failure far from its cause.
+    assert sys.version_info[:2] == (3, 11), f"the wheelhouse needs Python 3.11, not {sys.version}"
     for command in install_commands()[0]:
         argv = shlex.split(command)
         assert argv[:3] == ["python3", "-m", "pip"], command
