@@ -31,6 +31,37 @@ def test_check_typo_prints_file_line_key_and_exits_1(tmp_path: Path) -> None:
     assert f"{cfg}:3: transports.a.capacty: unknown key (did you mean 'capacity'?)" in result.stderr
 
 
+HALF_TLS = """\
+[admin]
+enabled = false
+[transports.chat]
+type = "websocket"
+port = 0
+tls_cert = "cert.pem"
+[transports.b]
+type = "memory"
+[[routes]]
+name = "x"
+from = "chat"
+to = ["b"]
+"""
+
+
+def test_check_refuses_what_run_refuses_a_certificate_without_its_key(tmp_path: Path) -> None:
+    # The transport checked the pair only when it was created, inside the running daemon:
+    # `check` said ok (exit 0) and `run` stopped with a traceback (exit 3).
+    cfg = tmp_path / "half-tls.toml"
+    cfg.write_text(HALF_TLS)
+    problem = f"{cfg}:3: transports.chat: set both tls_cert and tls_key, or neither"
+    checked = bridged("check", "-c", str(cfg))
+    assert (checked.returncode, checked.stdout) == (1, "")
+    assert problem in checked.stderr.splitlines()
+    ran = bridged("run", "-c", str(cfg))
+    assert ran.returncode == 1
+    assert problem in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 def test_check_missing_file_exits_1(tmp_path: Path) -> None:
     result = bridged("check", "-c", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
