@@ -17,9 +17,10 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from .api import Command
 
 if TYPE_CHECKING:
     from .config import Config
@@ -27,20 +28,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 log = logging.getLogger("bridge")
-
-
-@dataclass(frozen=True)
-class Command:
-    """A ``bridged`` subcommand a plugin offers through ``bridge_register_commands``.
-
-    The core adds ``-c/--config``, loads and checks that config (reporting its errors and
-    warnings), then calls ``run(args, config)``; the result is the exit code.
-    """
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Config], int]
 
 
 def _plugin_commands(extra_plugins: Iterable[object]) -> dict[str, Command]:

@@ -16,12 +16,13 @@ from typing import Any
 
 import trio
 
+from .api import PluginContext
 from .config import Config
 from .errors import ContractError
 from .message import Message
 from .metrics import Metrics
 from .pipeline import Pipeline
-from .plugins import Hooks, PluginContext, Registry, build_plugin_manager
+from .plugins import Hooks, Registry, build_plugin_manager
 from .routing import Router
 from .transport import Codec, Health, Settle, Transport
 

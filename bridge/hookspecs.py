@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .cli import Command
+    from .api import Command, PluginContext
     from .message import Message
-    from .plugins import PluginContext
     from .transport import Codec, Transform, TransportType
 
 hookspec = pluggy.HookspecMarker("bridge")
