@@ -13,7 +13,6 @@ systemd credential from ``$CREDENTIALS_DIRECTORY``); placeholders are refused.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import tomllib  # Python >= 3.11 is required; tomli would serve below that
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .routing import RouteConfig, find_loops
 
 
 class Secret(str):
@@ -92,25 +92,6 @@ class AdminSettings:
     enabled: bool = setting(True)
     host: str = setting("127.0.0.1", doc="loopback by default")
     port: int = setting(9100, check=port_number)
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    name: str
-    source: str
-    destinations: tuple[str, ...]
-    kinds: tuple[str, ...] = ()
-    chat_ids: tuple[str, ...] = ()
-    transforms: tuple[str, ...] = ()
-
-    def matches(self, kind: str, chat_id: str | None) -> bool:
-        if self.kinds and kind not in self.kinds:
-            return False
-        if self.chat_ids:
-            return chat_id is not None and any(
-                fnmatch.fnmatchcase(chat_id, p) for p in self.chat_ids
-            )
-        return True
 
 
 @dataclass(frozen=True)
@@ -518,8 +499,6 @@ def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Co
                 errors.add((*where, "transforms"), f"unknown transform {t!r}; available: "
                            f"{', '.join(sorted(registry.transforms)) or 'none'}")
         routes.append(RouteConfig(r.name, source, r.to, r.kinds, r.chat_ids, r.transforms))
-
-    from .routing import find_loops
 
     reflecting = {
         name: registry.transports[tc.type].reflects(tc.settings) for name, tc in transports.items()

@@ -23,10 +23,10 @@ from bridge.config import (
     DaemonSettings,
     LogSettings,
     PluginsConfig,
-    RouteConfig,
     TransportConfig,
 )
 from bridge.contracts import CHAT, NOTIFICATIONS, load
+from bridge.routing import RouteConfig
 from bridge.testing import MEMORY_AB
 
 ROOT = Path(__file__).resolve().parent.parent
