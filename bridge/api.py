@@ -1,5 +1,5 @@
-"""Shapes the core hands to plugins: what ``bridge_startup`` receives
-(:class:`PluginContext`) and what a plugin's subcommand is (:class:`Command`).
+"""Shapes the core hands to plugins: the checked :class:`Config`, what ``bridge_startup``
+receives (:class:`PluginContext`) and what a plugin's subcommand is (:class:`Command`).
 
 They live here, below the plugin manager and the command line, so that the hook specs,
 the plugin manager and the command line can all name them without importing each other.
@@ -9,14 +9,28 @@ the plugin manager and the command line can all name them without importing each
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .config import Config
+from .config import AdminSettings, DaemonSettings, LogSettings, PluginsConfig, TransportConfig
+from .routing import RouteConfig
+
+
+@dataclass(frozen=True)
+class Config:
+    """A config file, checked against the plugins that run it (see :mod:`bridge.assembly`)."""
+
+    path: Path
+    daemon: DaemonSettings
+    log: LogSettings
+    admin: AdminSettings
+    plugins: PluginsConfig
+    transports: Mapping[str, TransportConfig]
+    routes: tuple[RouteConfig, ...]
 
 
 @dataclass(frozen=True)

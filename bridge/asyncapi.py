@@ -24,7 +24,7 @@ import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .config import Config
+from .api import Config
 from .contracts import CHAT, NOTIFICATIONS, load
 
 AMQP_BINDING = "0.3.0"

@@ -15,7 +15,7 @@ from ops_support import http, read_response, running_service, use_opsplug
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
-from bridge.config import Config, load_config
+from bridge.assembly import Assembly, assemble
 from bridge.service import Service
 from bridge.testing import MEMORY_AB, write_config
 from bridge.transport import Health
@@ -37,11 +37,11 @@ def admin_port(service: Service) -> int:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return load_config(write_config(tmp_path, ROUTED))
+def config(tmp_path: Path) -> Assembly:
+    return assemble(write_config(tmp_path, ROUTED))
 
 
-async def test_healthz_and_readyz_answer_200_when_serving(config: Config) -> None:
+async def test_healthz_and_readyz_answer_200_when_serving(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         assert port != 0  # port 0 in the config: the bound port is exposed
@@ -57,7 +57,7 @@ async def test_healthz_and_readyz_answer_200_when_serving(config: Config) -> Non
         assert state["not_ready"] == {}
 
 
-async def test_metrics_count_a_known_number_of_messages(config: Config) -> None:
+async def test_metrics_count_a_known_number_of_messages(config: Assembly) -> None:
     async with running_service(config) as service:
         a: Any = service.daemon.transports["a"]
         b: Any = service.daemon.transports["b"]
@@ -78,7 +78,7 @@ async def test_metrics_count_a_known_number_of_messages(config: Config) -> None:
 async def test_readyz_turns_503_naming_the_transport_and_back_to_200(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_opsplug(monkeypatch, tmp_path / "site")
-    config = load_config(write_config(tmp_path, """
+    config = assemble(write_config(tmp_path, """
 [admin]
 port = 0
 [plugins]
@@ -123,7 +123,7 @@ def test_readiness_while_starting_and_draining() -> None:
     assert readiness({"a": Health(False, "x")}).summary() == "starting: waiting for a: x"
 
 
-async def test_readyz_is_503_once_draining(config: Config) -> None:
+async def test_readyz_is_503_once_draining(config: Assembly) -> None:
     async with running_service(config) as service:
         service.stop_requested = True  # what stop() sets first
         status, _, body = await http(admin_port(service), "/readyz")
@@ -131,7 +131,7 @@ async def test_readyz_is_503_once_draining(config: Config) -> None:
         assert json.loads(body)["state"] == "draining"
 
 
-async def test_unknown_paths_methods_and_head(config: Config) -> None:
+async def test_unknown_paths_methods_and_head(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         status, _, body = await http(port, "/")
@@ -147,7 +147,7 @@ async def test_unknown_paths_methods_and_head(config: Config) -> None:
 
 
 async def test_keep_alive_serves_requests_until_the_cap_then_says_close(
-        config: Config) -> None:
+        config: Assembly) -> None:
     async with running_service(config) as service:
         stream = await trio.open_tcp_stream("127.0.0.1", admin_port(service))
         async with stream:
@@ -180,7 +180,7 @@ async def _raw(port: int, data: bytes) -> bytes:
         return out
 
 
-async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Config) -> None:
+async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         big_header = (b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: "
@@ -194,7 +194,7 @@ async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Config
         assert (await _raw(port, garbage)).startswith(b"HTTP/1.1 400 ")
 
 
-async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Config) -> None:
+async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Assembly) -> None:
     async with running_service(config) as service:
         assert service.admin is not None
         service.admin.request_timeout_s = 0.2
@@ -203,7 +203,7 @@ async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Co
         assert 0.15 <= trio.current_time() - start < 2
 
 
-async def test_connections_over_the_cap_get_503(config: Config) -> None:
+async def test_connections_over_the_cap_get_503(config: Assembly) -> None:
     async with running_service(config) as service:
         assert service.admin is not None
         service.admin.max_connections = 3
@@ -231,7 +231,7 @@ async def test_readyz_names_the_transports_while_they_start(tmp_path: Path) -> N
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, hold, 0)
         port = listeners[0].socket.getsockname()[1]
-        config = load_config(write_config(tmp_path, f"""
+        config = assemble(write_config(tmp_path, f"""
 [admin]
 port = 0
 [transports.rabbit]

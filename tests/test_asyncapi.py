@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.api import Config
 from bridge.asyncapi import build_document, render
 from bridge.cli import main
 from bridge.config import (
     AdminSettings,
-    Config,
     DaemonSettings,
     LogSettings,
     PluginsConfig,

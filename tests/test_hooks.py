@@ -21,7 +21,8 @@ from bridge import (
     Transform,
     hookimpl,
 )
-from bridge.config import Config
+from bridge.api import Config
+from bridge.assembly import Assembly
 from bridge.daemon import Daemon
 from bridge.plugins import Hooks, build_plugin_manager
 from bridge.testing import run_bridge
@@ -72,10 +73,10 @@ class Extras:
         self.events.append("shutdown")
 
 
-async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Config]) -> None:
+async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Assembly]) -> None:
     extras = Extras()
     config = bridge_config(CONFIG, extra_plugins=[extras])
-    async with run_bridge(config, extra_plugins=[extras]) as daemon:
+    async with run_bridge(config) as daemon:  # the plugins are given once
         assert extras.events == ["startup state"]
         assert daemon.registry.codecs["text/x-reversed"].decode(b"olleh") == "hello"
         # A kind of its own: the built-in enrichment would shape a chat.event.
@@ -130,7 +131,7 @@ async def test_first_answer_hooks_mix_sync_and_async() -> None:
     assert info.value.status == 403
 
 
-async def test_replay_without_history_is_a_clear_error(bridge_config: Callable[..., Config]
+async def test_replay_without_history_is_a_clear_error(bridge_config: Callable[..., Assembly]
                                                         ) -> None:
     from bridge.daemon import _Context
     from bridge.errors import ContractError
@@ -165,14 +166,14 @@ class Tuning:
         self.seen = context.settings
 
 
-async def test_plugin_settings_table_is_typed_and_checked(bridge_config: Callable[..., Config]
+async def test_plugin_settings_table_is_typed_and_checked(bridge_config: Callable[..., Assembly]
                                                           ) -> None:
     from bridge.errors import ConfigError
 
     plugin = Tuning()
     base = CONFIG.split("[[")[0]
     config = bridge_config("[plugins.tuning]\nlevel = 3\n" + base, extra_plugins=[plugin])
-    async with run_bridge(config, extra_plugins=[plugin]):
+    async with run_bridge(config, extra_plugins=[plugin]):  # given twice: the same
         assert plugin.seen.level == 3
     with pytest.raises(ConfigError) as info:
         bridge_config("[plugins.tuning]\nlevel = 30\nlevle = 1\n" + base, extra_plugins=[plugin])

@@ -11,10 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, sys
-from bridge.config import load_config
+from bridge.assembly import assemble
 from bridge.daemon import Daemon
-config = load_config(sys.argv[1])
-daemon = Daemon(config)  # every built-in plugin loaded, hooks resolved, transports built
+daemon = Daemon(assemble(sys.argv[1]))  # every built-in plugin loaded, hooks, transports
 print(json.dumps(sorted(m for m in ("jsonschema", "jwt", "cryptography") if m in sys.modules)))
 """
 
