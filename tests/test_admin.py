@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import trio.testing
 from ops_support import http, read_response, running_service, use_opsplug
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge import TransportContext, TransportType, hookimpl
 from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
 from bridge.assembly import Assembly, assemble
 from bridge.service import Service
 from bridge.testing import MEMORY_AB, write_config
 from bridge.transport import Health
+from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 ROUTED = """
 [admin]
@@ -218,9 +221,31 @@ async def test_connections_over_the_cap_get_503(config: Assembly) -> None:
         assert status == 200  # slots are given back
 
 
+class HeldStart:
+    """Transport type ``held``: a memory transport that starts only once ``release`` is set
+    (the amqp transport starts as soon as its outbox is open, whatever the broker does)."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+
+    @hookimpl
+    def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:
+        outer = self
+
+        class Held(MemoryTransport):
+            async def run(self, ctx: TransportContext, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+                await outer.release.wait()
+                await super().run(ctx, task_status=task_status)
+
+        register(TransportType("held", MemorySettings, Held))
+
+
 async def test_readyz_names_the_transports_while_they_start(tmp_path: Path) -> None:
-    # A "broker" that accepts and never answers holds the amqp transport in its first
-    # connection attempt, so the daemon is starting: /readyz answered "transports":{} then.
+    # A "broker" that accepts and never answers keeps the amqp transport connecting, and a
+    # transport that has not started yet keeps the daemon starting: /readyz answered
+    # "transports":{} then.
     connecting = trio.Event()
 
     async def hold(stream: trio.SocketStream) -> None:
@@ -239,8 +264,8 @@ type = "amqp"
 url = "amqp://guest:guest@127.0.0.1:{port}/"
 connect_timeout_s = 30
 [transports.a]
-type = "memory"
-"""))
+type = "held"
+"""), extra_plugins=[HeldStart()])
         service = Service(config, environ={})
         nursery.start_soon(service.run)
         assert service.admin is not None
