@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import pluggy
 import trio
 
 from .api import Command
@@ -35,18 +36,26 @@ EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 log = logging.getLogger("bridge")
 
-#: The subcommands of the core. For these the command line builds no plugin manager of its
-#: own: the one the config is assembled with is the process's only one.
+#: The subcommands of the core. The command line builds no plugin manager of its own: the
+#: one the config is assembled with is the process's only one.
 CORE_COMMANDS = frozenset({"run", "check", "plugins", "reload", "asyncapi"})
 
 
-def _plugin_commands(extra_plugins: Iterable[object]) -> dict[str, Command]:
-    """The subcommands plugins offer, asked of the built-in plugins (and ``extra_plugins``)
-    before any config is read: needed only for a plugin's subcommand and for ``--help``."""
+def _plugin_commands(pm: pluggy.PluginManager) -> dict[str, Command]:
+    """The subcommands the plugins of ``pm`` offer (the first registration of a name wins)."""
     commands: dict[str, Command] = {}
-    build_plugin_manager(extra=extra_plugins).hook.bridge_register_commands(
+    pm.hook.bridge_register_commands(
         register=lambda command: commands.setdefault(command.name, command))
     return commands
+
+
+def _config_option(argv: Sequence[str]) -> str | None:
+    """The ``-c/--config`` in ``argv``, read before the subcommands are known."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(argv)
+    config: str | None = known.config
+    return config
 
 
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
@@ -80,16 +89,23 @@ def main(argv: Sequence[str] | None = None, *, extra_plugins: Iterable[object] =
     """``extra_plugins``: plugin objects registered as they are (tests, embedders)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = tuple(extra_plugins)
-    core = bool(argv) and argv[0] in CORE_COMMANDS
-    commands = {} if core else _plugin_commands(extra)
-    args = _parser(commands).parse_args(argv)
-    if args.command in commands:
-        assembly = _assemble_or_report(args.config, extra)
-        return (EXIT_CONFIG if assembly is None
-                else commands[args.command].run(args, assembly.config))
-    handler: Callable[[argparse.Namespace, tuple[object, ...]], int] = globals()[
-        f"cmd_{args.command}"]
-    return handler(args, extra)
+    if argv and argv[0] in CORE_COMMANDS:
+        args = _parser({}).parse_args(argv)
+        handler: Callable[[argparse.Namespace, tuple[object, ...]], int] = globals()[
+            f"cmd_{args.command}"]
+        return handler(args, extra)
+    # A plugin's subcommand: it comes from the plugins of the config it names, assembled
+    # once, and runs with that config. Without a config (--help), the built-ins are asked.
+    assembly: Assembly | None = None
+    path = _config_option(argv)
+    if path is not None:
+        assembly = _assemble_or_report(path, extra)
+        if assembly is None:
+            return EXIT_CONFIG
+    commands = _plugin_commands(assembly.pm if assembly else build_plugin_manager(extra=extra))
+    args = _parser(commands).parse_args(argv)  # exits 2 on an unknown command
+    assert assembly is not None  # every plugin subcommand requires -c
+    return commands[args.command].run(args, assembly.config)
 
 
 def _assemble(path: str, extra_plugins: Iterable[object]) -> tuple[Assembly, list[str]]:

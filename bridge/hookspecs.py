@@ -43,8 +43,8 @@ def bridge_register_transforms(register: Callable[[str, Transform], None]) -> No
 @hookspec
 def bridge_register_commands(register: Callable[[Command], None]) -> None:
     """Registration hook (sync). Call ``register(Command(...))`` to add a ``bridged``
-    subcommand. Only built-in plugins are asked (the command line runs before a config says
-    which third-party plugins are enabled). The first registration of a name wins."""
+    subcommand. The plugins of the config the command line names (``-c``) are asked; without
+    one (``bridged --help``), the built-in plugins. The first registration of a name wins."""
 
 
 @hookspec

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import h11
+import pluggy
 import pytest
 import trio
 
@@ -40,6 +41,19 @@ def use_opsplug(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
     """Install the test plugin for this process, for the duration of one test."""
     for path in install_opsplug(directory):
         monkeypatch.syspath_prepend(str(path))
+
+
+def count_plugin_managers(monkeypatch: pytest.MonkeyPatch) -> list[pluggy.PluginManager]:
+    """The plugin managers this process builds from now on (for the rest of the test)."""
+    built: list[pluggy.PluginManager] = []
+    init = pluggy.PluginManager.__init__
+
+    def counted(self: pluggy.PluginManager, project_name: str) -> None:
+        built.append(self)
+        init(self, project_name)
+
+    monkeypatch.setattr(pluggy.PluginManager, "__init__", counted)
+    return built
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -88,3 +89,25 @@ def test_wheel_has_no_bare_plugins_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "bridge_plugins/memory.py" in names
     assert "bridge/py.typed" in names
+
+
+def test_a_third_party_plugin_offers_a_subcommand_where_the_config_enables_it(
+        tmp_path: Path) -> None:
+    # Only the built-in plugins were asked for subcommands: "invalid choice: 'greet'".
+    from ops_support import install_opsplug
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [*map(str, install_opsplug(tmp_path / "site")), os.environ.get("PYTHONPATH", "")])}
+    base = '[transports.a]\ntype = "memory"\n'
+    enabled = tmp_path / "enabled.toml"
+    enabled.write_text('[plugins]\nenable = ["opsplug"]\n[plugins.opsplug]\ngreeting = "hi"\n'
+                       + base)
+    greet = subprocess.run([sys.executable, "-m", "bridge", "greet", "-c", str(enabled)],
+                           capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert (greet.returncode, greet.stdout) == (0, "hi\n"), greet.stderr
+    plain = tmp_path / "plain.toml"
+    plain.write_text(base)
+    refused = subprocess.run([sys.executable, "-m", "bridge", "greet", "-c", str(plain)],
+                             capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert refused.returncode == 2
+    assert "invalid choice: 'greet'" in refused.stderr

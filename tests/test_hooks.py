@@ -207,3 +207,22 @@ def test_plugin_command_gets_a_checked_config(tmp_path: Path,
     bad = write_config(tmp_path, MEMORY_AB + "bogus = 1\n", name="bad.toml")
     assert main(["routes", "-c", str(bad)], extra_plugins=[RoutesCommand()]) == 1
     assert "routes[0].bogus: unknown key" in capsys.readouterr().err
+
+
+def test_each_command_builds_one_plugin_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A plugin's subcommand asked a manager of built-ins for the command list, then checked
+    # its config with another; check, plugins and asyncapi built two as well.
+    from ops_support import count_plugin_managers
+
+    from bridge.cli import main
+    from bridge.testing import MEMORY_AB, write_config
+
+    built = count_plugin_managers(monkeypatch)
+    config = str(write_config(tmp_path, MEMORY_AB))
+    for argv, code in ((["routes", "-c", config], 7), (["check", "-c", config], 0),
+                       (["plugins", "-c", config], 0), (["asyncapi", "-c", config], 0)):
+        built.clear()
+        assert main(argv, extra_plugins=[RoutesCommand()]) == code
+        assert len(built) == 1, argv
+    capsys.readouterr()

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import pytest
 import trio
-from ops_support import running_service, use_opsplug
+from ops_support import count_plugin_managers, running_service, use_opsplug
 
 from bridge import PluginContext, Secret, hookimpl, setting
 from bridge.assembly import assemble
@@ -258,14 +257,7 @@ async def test_no_plugin_manager_is_built_by_a_reload(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path, TO_B)
     async with running_service(assemble(path)) as service:
-        built: list[pluggy.PluginManager] = []
-        init = pluggy.PluginManager.__init__
-
-        def counted(self: pluggy.PluginManager, project_name: str) -> None:
-            built.append(self)
-            init(self, project_name)
-
-        monkeypatch.setattr(pluggy.PluginManager, "__init__", counted)
+        built = count_plugin_managers(monkeypatch)
         write_config(tmp_path, TO_C)
         assert (await service.reload()).ok
         write_config(tmp_path, TO_C.replace("[admin]", "[admni]"))  # refused
