@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .cli import Command
+from .api import Command, PluginContext
 from .config import Secret, not_negative, port_number, positive, setting
 from .errors import (
     AuthError,
@@ -22,7 +22,6 @@ from .errors import (
 )
 from .identity import Identity
 from .message import CHAT_EVENT, NOTIFICATION, Message
-from .plugins import PluginContext
 from .transport import (
     Accepted,
     AsyncAPIContext,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from .api import Config
 from .contracts import CHAT, NOTIFICATIONS, load
 from .transport import AsyncAPIFragment, TransportType
 

@@ -18,38 +18,44 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from .config import Config
+import pluggy
+import trio
+
+from .api import Command
+from .assembly import Assembly, assemble
+from .asyncapi import build_document, render
+from .errors import ConfigError
+from .logs import setup_logging
+from .plugins import build_plugin_manager, describe_plugins
+from .reload import RELOAD_USAGE, request_and_wait
+from .service import run_service
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 log = logging.getLogger("bridge")
 
-
-@dataclass(frozen=True)
-class Command:
-    """A ``bridged`` subcommand a plugin offers through ``bridge_register_commands``.
-
-    The core adds ``-c/--config``, loads and checks that config (reporting its errors and
-    warnings), then calls ``run(args, config)``; the result is the exit code.
-    """
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Config], int]
+#: The subcommands of the core. The command line builds no plugin manager of its own: the
+#: one the config is assembled with is the process's only one.
+CORE_COMMANDS = frozenset({"run", "check", "plugins", "reload", "asyncapi"})
 
 
-def _plugin_commands(extra_plugins: Iterable[object]) -> dict[str, Command]:
-    from .plugins import build_plugin_manager
-
+def _plugin_commands(pm: pluggy.PluginManager) -> dict[str, Command]:
+    """The subcommands the plugins of ``pm`` offer (the first registration of a name wins)."""
     commands: dict[str, Command] = {}
-    build_plugin_manager(extra=extra_plugins).hook.bridge_register_commands(
+    pm.hook.bridge_register_commands(
         register=lambda command: commands.setdefault(command.name, command))
     return commands
+
+
+def _config_option(argv: Sequence[str]) -> str | None:
+    """The ``-c/--config`` in ``argv``, read before the subcommands are known."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(argv)
+    config: str | None = known.config
+    return config
 
 
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
@@ -80,33 +86,42 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, extra_plugins: Iterable[object] = ()) -> int:
-    commands = _plugin_commands(extra_plugins)
-    args = _parser(commands).parse_args(argv)
-    if args.command in commands:
-        config = _load_or_report(args.config)
-        return EXIT_CONFIG if config is None else commands[args.command].run(args, config)
-    handler = globals()[f"cmd_{args.command}"]
-    code: int = handler(args)
-    return code
+    """``extra_plugins``: plugin objects registered as they are (tests, embedders)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = tuple(extra_plugins)
+    if argv and argv[0] in CORE_COMMANDS:
+        args = _parser({}).parse_args(argv)
+        handler: Callable[[argparse.Namespace, tuple[object, ...]], int] = globals()[
+            f"cmd_{args.command}"]
+        return handler(args, extra)
+    # A plugin's subcommand: it comes from the plugins of the config it names, assembled
+    # once, and runs with that config. Without a config (--help), the built-ins are asked.
+    assembly: Assembly | None = None
+    path = _config_option(argv)
+    if path is not None:
+        assembly = _assemble_or_report(path, extra)
+        if assembly is None:
+            return EXIT_CONFIG
+    commands = _plugin_commands(assembly.pm if assembly else build_plugin_manager(extra=extra))
+    args = _parser(commands).parse_args(argv)  # exits 2 on an unknown command
+    assert assembly is not None  # every plugin subcommand requires -c
+    return commands[args.command].run(args, assembly.config)
 
 
-def _load(path: str) -> tuple[Config, list[str]]:
-    """The config at ``path`` and the warnings (Python ``warnings``, e.g. a plugin settings
-    class flagging a development secret) issued while loading it. Raises ConfigError."""
-    from .config import load_config
-
+def _assemble(path: str, extra_plugins: Iterable[object]) -> tuple[Assembly, list[str]]:
+    """The config at ``path`` assembled with its plugins, and the warnings (Python
+    ``warnings``, e.g. a plugin settings class flagging a development secret) issued while
+    checking it. Raises ConfigError."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        config = load_config(path)
-    return config, [f"{path}: WARNING: {w.message}" for w in caught]
+        assembly = assemble(path, extra_plugins=extra_plugins)
+    return assembly, [f"{path}: WARNING: {w.message}" for w in caught]
 
 
-def _load_or_report(path: str) -> Config | None:
-    """The config, its warnings printed to stderr; or None with its errors printed."""
-    from .errors import ConfigError
-
+def _assemble_or_report(path: str, extra_plugins: Iterable[object]) -> Assembly | None:
+    """The assembly, its warnings printed to stderr; or None with its errors printed."""
     try:
-        config, notes = _load(path)
+        assembly, notes = _assemble(path, extra_plugins)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
@@ -114,13 +129,14 @@ def _load_or_report(path: str) -> Config | None:
         return None
     for note in notes:
         print(note, file=sys.stderr)
-    return config
+    return assembly
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
-    if config is None:
+def cmd_check(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
+    assembly = _assemble_or_report(args.config, extra_plugins)
+    if assembly is None:
         return EXIT_CONFIG
+    config = assembly.config
     print(f"{args.config}: ok ({len(config.transports)} transports, {len(config.routes)} routes)")
     return EXIT_OK
 
@@ -141,39 +157,30 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import trio
-
-    from .daemon import run_daemon
-    from .errors import ConfigError
-    from .logs import setup_logging
-
+def cmd_run(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
     try:
-        config, notes = _load(args.config)
+        assembly, notes = _assemble(args.config, extra_plugins)
     except ConfigError as e:
         setup_logging()
         for line in e.errors:
             log.error("config: %s", line)
         return EXIT_CONFIG
+    config = assembly.config
     setup_logging(args.log_format or config.log.format, config.log.level)
     for note in notes:
         log.warning("config: %s", note)
     code = EXIT_OK
     tune_gc()
     try:
-        trio.run(run_daemon, config)
+        trio.run(run_service, assembly)
     except* Exception:
         log.exception("bridged stopped on an error")
         code = EXIT_RUNTIME
     return code
 
 
-def cmd_reload(args: argparse.Namespace) -> int:
+def cmd_reload(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
     """SIGHUP to ``--pid``, then wait for the outcome the daemon writes in its state dir."""
-    from pathlib import Path
-
-    from .reload import RELOAD_USAGE, request_and_wait
-
     if not args.state_dir:
         print("bridged reload: give --state-dir (or set $STATE_DIRECTORY)", file=sys.stderr)
         return RELOAD_USAGE
@@ -182,16 +189,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import build_plugin_manager, describe_plugins
-
+def cmd_plugins(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
     if args.config:
-        config = _load_or_report(args.config)
-        if config is None:
+        assembly = _assemble_or_report(args.config, extra_plugins)
+        if assembly is None:
             return EXIT_CONFIG
-        pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
+        pm = assembly.pm
     else:
-        pm = build_plugin_manager()
+        pm = build_plugin_manager(extra=extra_plugins)
     infos = describe_plugins(pm)
     if args.json:
         print(json.dumps([vars(i) for i in infos], indent=2))
@@ -204,11 +209,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_asyncapi(args: argparse.Namespace) -> int:
-    from .asyncapi import build_document, render
-
-    config = _load_or_report(args.config)
-    if config is None:
+def cmd_asyncapi(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
+    assembly = _assemble_or_report(args.config, extra_plugins)
+    if assembly is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(build_document(config), args.format))
+    sys.stdout.write(render(build_document(assembly.config, assembly.registry.transports),
+                            args.format))
     return EXIT_OK

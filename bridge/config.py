@@ -1,8 +1,10 @@
 """Configuration: TOML into frozen dataclasses, with every error naming file, line and key.
 
-The core tables are declared here; transports and plugins declare their own tables as
-frozen dataclasses (``TransportType.settings``, ``bridge_settings_class``) and are checked
-by the same machinery. All problems are collected and reported together.
+This module is the binder (:func:`read`, :func:`build`, :class:`Secret`, :func:`setting`)
+and the core tables. It knows no plugin: transports and plugins declare their own tables as
+frozen dataclasses (``TransportType.settings``, ``bridge_settings_class``), and
+:mod:`bridge.assembly` binds them with the same :func:`build`, against the plugins that will
+run. All problems are collected and reported together.
 
 Relative paths in the config are resolved against the folder of the config file.
 Secret fields (typed :class:`Secret`) may be given directly, or as ``<key>_file`` (a file
@@ -13,13 +15,13 @@ systemd credential from ``$CREDENTIALS_DIRECTORY``); placeholders are refused.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import difflib
 import os
 import re
 import tomllib  # Python >= 3.11 is required; tomli would serve below that
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,26 +104,9 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
-class RouteConfig:
-    name: str
-    source: str
-    destinations: tuple[str, ...]
-    kinds: tuple[str, ...] = ()
-    chat_ids: tuple[str, ...] = ()
-    transforms: tuple[str, ...] = ()
+class RouteTable:
+    """One ``[[routes]]`` table (its ``from`` key is a Python keyword: bound apart)."""
 
-    def matches(self, kind: str, chat_id: str | None) -> bool:
-        if self.kinds and kind not in self.kinds:
-            return False
-        if self.chat_ids:
-            return chat_id is not None and any(
-                fnmatch.fnmatchcase(chat_id, p) for p in self.chat_ids
-            )
-        return True
-
-
-@dataclass(frozen=True)
-class _RouteTable:
     name: str = setting(doc="unique; used in logs and metrics")
     to: tuple[str, ...] = setting(doc="destination transports")
     kinds: tuple[str, ...] = setting((), doc="only these message kinds (empty: all)")
@@ -141,17 +126,6 @@ class PluginsConfig:
     enable: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    daemon: DaemonSettings
-    log: LogSettings
-    admin: AdminSettings
-    plugins: PluginsConfig
-    transports: Mapping[str, TransportConfig]
-    routes: tuple[RouteConfig, ...]
 
 
 # --------------------------------------------------------------------------- line numbers
@@ -212,7 +186,9 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return out
 
 
-class _Errors:
+class Problems:
+    """Every problem found in one file, each as ``file:line: key: problem``."""
+
     def __init__(self, file: Path, locator: Locator) -> None:
         self.file, self.locator = file, locator
         self.items: list[str] = []
@@ -243,18 +219,18 @@ def _type_name(tp: Any) -> str:
             Secret: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _convert(tp: Any, value: Any, base: Path) -> Any:
+def convert(tp: Any, value: Any, base: Path) -> Any:
     """``value`` as type ``tp``; raises ValueError with a readable reason."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         options = [arg for arg in typing.get_args(tp) if arg is not type(None)]
         if len(options) == 1:  # X | None: say what is wrong with the X
-            return _convert(options[0], value, base)
+            return convert(options[0], value, base)
         for arg in typing.get_args(tp):
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, base)
+                return convert(arg, value, base)
             except ValueError:
                 pass
         raise ValueError(f"must be {_type_name(tp)}, not {type(value).__name__}")
@@ -266,7 +242,7 @@ def _convert(tp: Any, value: Any, base: Path) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"must be {_type_name(tp)}")
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_convert(item, v, base) for v in value)
+        return tuple(convert(item, v, base) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -315,7 +291,7 @@ def _read_secret(kind: str, source: Any) -> str:
         raise ValueError(f"cannot read {source}: {e.strerror}") from None
 
 
-def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Errors,
+def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: Problems,
           base: Path) -> Any:
     """An instance of dataclass ``cls`` from ``table``; problems go to ``errors``."""
     if not isinstance(table, dict):
@@ -352,7 +328,7 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
                 failed = True
             continue
         try:
-            value = _convert(tp, raw, base)
+            value = convert(tp, raw, base)
         except ValueError as e:
             errors.add((*path, name), str(e))
             failed = True
@@ -366,7 +342,7 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
         values[name] = value
     for key in table:
         if key not in known:
-            hint = _close_match(key, known)
+            hint = close_match(key, known)
             errors.add((*path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
             failed = True
     if failed:
@@ -378,24 +354,30 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: _Erro
         return None
 
 
-def _close_match(key: str, known: set[str]) -> str | None:
-    import difflib
-
+def close_match(key: str, known: set[str]) -> str | None:
     matches = difflib.get_close_matches(key, sorted(known), n=1)
     return matches[0] if matches else None
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- reading
 
-_CORE_TABLES = {"daemon", "log", "admin", "plugins", "transports", "routes"}
+#: The top-level tables of a config file.
+CORE_TABLES = frozenset({"daemon", "log", "admin", "plugins", "transports", "routes"})
 
 
-def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Config:
-    """Read, parse and check ``path`` with a fresh plugin manager built from its
-    ``[plugins]`` table (plus ``extra_plugins``, objects registered as-is: tests).
-    Raises :class:`ConfigError` listing every problem."""
-    from .plugins import BUILTIN_NAMES, Registry, available_plugins, build_plugin_manager
+@dataclass(frozen=True)
+class Document:
+    """A config file read and parsed: its tables, and where its problems are collected."""
 
+    file: Path
+    data: dict[str, Any]
+    problems: Problems
+    base: Path  # relative paths in the file are resolved against its folder
+
+
+def read(path: str | Path) -> Document:
+    """Read and parse ``path``; an unreadable file or invalid TOML raises
+    :class:`ConfigError` at once (nothing else can be checked then)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -406,148 +388,10 @@ def load_config(path: str | Path, *, extra_plugins: Iterable[object] = ()) -> Co
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"at line (\d+)", str(e))
         raise ConfigError([f"{file}:{m.group(1) if m else '?'}: invalid TOML: {e}"]) from None
-    errors = _Errors(file, Locator(text))
-    base = file.resolve().parent
-
+    problems = Problems(file, Locator(text))
     for key in data:
-        if key not in _CORE_TABLES:
-            errors.add((key,), "unknown table or key"
-                       + (f" (did you mean {_close_match(key, _CORE_TABLES)!r}?)"
-                          if _close_match(key, _CORE_TABLES) else ""))
-
-    daemon = build(DaemonSettings, data.get("daemon", {}), ("daemon",), errors, base)
-    log = build(LogSettings, data.get("log", {}), ("log",), errors, base)
-    admin = build(AdminSettings, data.get("admin", {}), ("admin",), errors, base)
-
-    plugin_table = data.get("plugins", {})
-    installed: dict[str, str] | None = None  # scanned only for a name that is not built in
-    enable: tuple[str, ...] = ()
-    disable: tuple[str, ...] = ()
-    if not isinstance(plugin_table, dict):
-        errors.add(("plugins",), "must be a table")
-        plugin_table = {}
-    for key in ("enable", "disable"):
-        try:
-            names = _convert(tuple[str, ...], plugin_table.get(key, []), base)
-        except ValueError as e:
-            errors.add(("plugins", key), str(e))
-            continue
-        for i, n in enumerate(names):
-            if n in BUILTIN_NAMES:
-                continue
-            if installed is None:
-                installed = available_plugins()
-            if n not in installed:
-                errors.add(("plugins", key), f"plugin {n!r} (item {i}) is not installed;"
-                           f" installed: {', '.join(sorted(installed))}")
-        if key == "enable":
-            enable = names
-        else:
-            disable = names
-
-    try:
-        pm = build_plugin_manager(enable, disable, extra_plugins)
-        registry = Registry.collect(pm)
-    except ConfigError as e:
-        for problem in e.errors:
-            errors.add(("plugins",), problem)
-        raise ConfigError(errors.items) from None
-
-    plugin_settings: dict[str, Any] = {}
-    for name, table in plugin_table.items():
-        if name in ("enable", "disable"):
-            continue
-        if pm.get_plugin(name) is None:
-            errors.add(("plugins", name), "settings for a plugin that is not enabled")
-            continue
-        cls = registry.settings_classes.get(name)
-        if cls is None:
-            errors.add(("plugins", name), "this plugin takes no settings")
-            continue
-        plugin_settings[name] = build(cls, table, ("plugins", name), errors, base)
-    for name, cls in registry.settings_classes.items():
-        if name not in plugin_settings and name not in plugin_table:
-            plugin_settings[name] = build(cls, {}, ("plugins", name), errors, base)
-
-    transports: dict[str, TransportConfig] = {}
-    ttable = data.get("transports", {})
-    if not isinstance(ttable, dict) or not ttable:
-        errors.add(("transports",), "at least one [transports.<name>] table is required")
-        ttable = {}
-    for name, table in ttable.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            errors.add(("transports", name), "names use letters, digits, '_' and '-'")
-        if not isinstance(table, dict):
-            errors.add(("transports", name), "must be a table")
-            continue
-        kind = table.get("type")
-        tt = registry.transports.get(kind) if isinstance(kind, str) else None
-        if tt is None:
-            errors.add(("transports", name, "type"),
-                       ("is required" if kind is None else f"unknown transport type {kind!r}")
-                       + f"; available: {', '.join(sorted(registry.transports))}")
-            continue
-        rest = {k: v for k, v in table.items() if k != "type"}
-        settings = build(tt.settings, rest, ("transports", name), errors, base)
-        if settings is not None:
-            transports[name] = TransportConfig(name, tt.name, settings)
-
-    routes: list[RouteConfig] = []
-    rtable = data.get("routes", [])
-    if not isinstance(rtable, list):
-        errors.add(("routes",), "must be an array of tables: [[routes]]")
-        rtable = []
-    route_names: set[str] = set()
-    for i, table in enumerate(rtable):
-        where: tuple[str | int, ...] = ("routes", i)
-        if not isinstance(table, dict):
-            errors.add(where, "must be a table")
-            continue
-        source = table.get("from")
-        rest = {k: v for k, v in table.items() if k != "from"}
-        r = build(_RouteTable, rest, where, errors, base)
-        if not isinstance(source, str):
-            errors.add((*where, "from"), "is required: the source transport")
-        elif source not in ttable:
-            errors.add((*where, "from"), f"unknown transport {source!r}")
-        if r is None or not isinstance(source, str):
-            continue
-        if r.name in route_names:
-            errors.add((*where, "name"), f"route name {r.name!r} is used twice")
-        route_names.add(r.name)
-        if not r.to:
-            errors.add((*where, "to"), "needs at least one destination")
-        for d in r.to:
-            if d not in ttable:
-                errors.add((*where, "to"), f"unknown transport {d!r}")
-        for t in r.transforms:
-            if t not in registry.transforms:
-                errors.add((*where, "transforms"), f"unknown transform {t!r}; available: "
-                           f"{', '.join(sorted(registry.transforms)) or 'none'}")
-        routes.append(RouteConfig(r.name, source, r.to, r.kinds, r.chat_ids, r.transforms))
-
-    from .routing import find_loops
-
-    reflecting = {
-        name: registry.transports[tc.type].reflects(tc.settings) for name, tc in transports.items()
-    }
-    for loop in find_loops(routes, reflecting):
-        first = loop[0].split(" ", 1)[0]
-        index = next(i for i, r in enumerate(routes) if r.name == first)
-        errors.add(("routes", index), "routes form a loop that would bounce a message back to"
-                   f" its source: {' -> '.join(loop)}")
-
-    if errors.items:
-        raise ConfigError(errors.items)
-    assert daemon is not None
-    assert log is not None
-    assert admin is not None
-    return Config(
-        path=file,
-        daemon=daemon,
-        log=log,
-        admin=admin,
-        plugins=PluginsConfig(enable, disable, plugin_settings),
-        transports=transports,
-        routes=tuple(routes),
-    )
+        if key not in CORE_TABLES:
+            hint = close_match(key, set(CORE_TABLES))
+            problems.add((key,), "unknown table or key"
+                         + (f" (did you mean {hint!r}?)" if hint else ""))
+    return Document(file, data, problems, file.resolve().parent)

@@ -1,4 +1,5 @@
-"""Lifecycle: build the daemon from a config, start it in order, drain it on the way out.
+"""Lifecycle: build the daemon from an assembled config, start it in order, drain it on the
+way out.
 
 Start: plugins' ``bridge_startup`` -> the pipeline -> every transport (each through
 ``nursery.start``, so each is really listening or spooling before the next starts) -> the
@@ -10,18 +11,19 @@ the pipeline settle what it holds -> let transports drain (flush sockets, close 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .config import Config
+from .api import PluginContext
+from .assembly import Assembly
 from .errors import ContractError
 from .message import Message
 from .metrics import Metrics
 from .pipeline import Pipeline
-from .plugins import Hooks, PluginContext, Registry, build_plugin_manager
+from .plugins import Hooks
 from .routing import Router
 from .transport import Codec, Health, Settle, Transport
 
@@ -79,13 +81,17 @@ class _Context:
 
 
 class Daemon:
-    """One running bridge. Tests drive it in-process: ``await nursery.start(daemon.serve)``."""
+    """One running bridge, from an :class:`~bridge.assembly.Assembly` (its plugins are the
+    ones that checked its config). Tests drive it in-process:
+    ``await nursery.start(daemon.serve)``. A reload replaces :attr:`config`; the plugin
+    manager and registry stay for the life of the daemon."""
 
-    def __init__(self, config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
+    def __init__(self, assembly: Assembly) -> None:
+        config = assembly.config
         self.config = config
-        self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable,
-                                       extra_plugins)
-        self.registry = Registry.collect(self.pm)
+        self.pm = assembly.pm
+        self.registry = assembly.registry
+        self._extra_plugins = assembly.extra_plugins
         self.metrics = Metrics()
         self.hooks = Hooks(self.pm, timer=self.metrics.hook_timer)
         self.transports: dict[str, Transport] = {
@@ -106,6 +112,11 @@ class Daemon:
         self._stop = trio.Event()
         self.stopping = False
         self.stopped = trio.Event()  # set when serve() has returned
+
+    @property
+    def assembly(self) -> Assembly:
+        """The config in effect, with the plugins that run it (what a reload checks against)."""
+        return Assembly(self.config, self.pm, self.registry, self._extra_plugins)
 
     def health(self) -> dict[str, Health]:
         return {name: t.health() for name, t in self.transports.items()}
@@ -163,12 +174,3 @@ class Daemon:
         else:
             log.info("drained")
 
-
-async def run_daemon(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
-    """The process's trio entry point, run as a service (see :mod:`bridge.service`): admin
-    listener, sd_notify READY/RELOADING/STOPPING/STATUS and watchdog, SIGHUP reloads the
-    config, SIGTERM or SIGINT drains and returns; a second signal during the drain stops at
-    once."""
-    from .service import run_service
-
-    await run_service(config, extra_plugins=extra_plugins)

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .cli import Command
+    from .api import Command, PluginContext
     from .identity import Identity
     from .message import Message
-    from .plugins import PluginContext
     from .transport import Codec, Transform, TransportType
 
 hookspec = pluggy.HookspecMarker("bridge")
@@ -46,8 +45,8 @@ def bridge_register_transforms(register: Callable[[str, Transform], None]) -> No
 @hookspec
 def bridge_register_commands(register: Callable[[Command], None]) -> None:
     """Registration hook (sync). Call ``register(Command(...))`` to add a ``bridged``
-    subcommand. Only built-in plugins are asked (the command line runs before a config says
-    which third-party plugins are enabled). The first registration of a name wins."""
+    subcommand. The plugins of the config the command line names (``-c``) are asked; without
+    one (``bridged --help``), the built-in plugins. The first registration of a name wins."""
 
 
 @hookspec

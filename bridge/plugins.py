@@ -16,14 +16,13 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
-import trio
 
 from . import hookspecs
+from .api import PluginContext
 from .errors import ConfigError
 from .identity import Identity
 from .message import Message
@@ -211,16 +210,6 @@ class Registry:
         if errors:
             raise ConfigError(errors)
         return reg
-
-
-@dataclass
-class PluginContext:
-    """What ``bridge_startup`` and ``bridge_shutdown`` receive."""
-
-    name: str
-    settings: Any
-    state_dir: Path
-    nursery: trio.Nursery
 
 
 HookTimer = Callable[[str, float], None]

@@ -1,9 +1,10 @@
 """Reload: apply a re-read config to a running daemon (SIGHUP, ``systemctl reload``).
 
-The new file is read and checked exactly as ``bridged check`` would. A file that fails the
-check is refused as a whole: every error is logged and the running config stays. A file
-that passes is compared with the running config, and what changed is applied where it can
-be applied live:
+The new file is read and checked exactly as ``bridged check`` would, against the plugins
+that are running (:func:`bridge.assembly.assemble` with ``running``: no plugin is loaded
+again, and plugins given in code stay). A file that fails the check is refused as a whole:
+every error is logged and the running config stays. A file that passes is compared with
+the running config, and what changed is applied where it can be applied live:
 
 =========================  =============================================================
 routes                     live: the pipeline picks the new routes up between batches
@@ -44,7 +45,9 @@ from typing import Any
 
 import trio
 
-from .config import Config, DaemonSettings, LogSettings, TransportConfig, load_config
+from .api import Config
+from .assembly import assemble
+from .config import DaemonSettings, LogSettings, TransportConfig
 from .daemon import Daemon
 from .errors import ConfigError
 from .plugins import await_me_maybe
@@ -166,9 +169,6 @@ def _structure_errors(old: Config, new: Config) -> list[str]:
         errors.append(f"{new.path}: transports removed: {', '.join(removed)}")
     if retyped:
         errors.append(f"{new.path}: transports of another type: {', '.join(retyped)}")
-    if (set(old.plugins.enable), set(old.plugins.disable)) != (set(new.plugins.enable),
-                                                                set(new.plugins.disable)):
-        errors.append(f"{new.path}: [plugins] enable/disable changed")
     if errors:
         errors.append("these changes need a restart (systemctl restart bridged); "
                       "nothing was applied")
@@ -205,7 +205,9 @@ async def reload_daemon(daemon: Daemon, path: Any = None, *,
     old = daemon.config
     path = old.path if path is None else path
     try:
-        new = await trio.to_thread.run_sync(load_config, path)
+        running = daemon.assembly
+        new = (await trio.to_thread.run_sync(
+            lambda: assemble(path, running=running))).config
     except ConfigError as e:
         result = ReloadResult(False, list(e.errors))
     else:

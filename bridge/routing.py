@@ -1,7 +1,8 @@
 """Routes: compiled once from the config, then asked per message where it goes.
 
-A route takes messages from one source transport (optionally only some kinds or chats),
-applies its named transforms in order and hands the result to its destinations.
+A route (:class:`RouteConfig`, bound from a ``[[routes]]`` table by :mod:`bridge.assembly`)
+takes messages from one source transport (optionally only some kinds or chats), applies its
+named transforms in order and hands the result to its destinations.
 
 Loops: the daemon never feeds what it delivers back into itself, so a message can only come
 back when a destination *reflects* it (an AMQP exchange bound to the queue the same
@@ -13,15 +14,37 @@ by the hop count stamped on what is published.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import RouteConfig
 from .message import Message
 from .transport import Transform
 
 log = logging.getLogger("bridge.routing")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One route as the config gives it: which messages it takes, where they go."""
+
+    name: str
+    source: str
+    destinations: tuple[str, ...]
+    kinds: tuple[str, ...] = ()
+    chat_ids: tuple[str, ...] = ()
+    transforms: tuple[str, ...] = ()
+
+    def matches(self, kind: str, chat_id: str | None) -> bool:
+        """Whether a message of ``kind`` in chat ``chat_id`` takes this route."""
+        if self.kinds and kind not in self.kinds:
+            return False
+        if self.chat_ids:
+            return chat_id is not None and any(
+                fnmatch.fnmatchcase(chat_id, p) for p in self.chat_ids
+            )
+        return True
 
 
 def find_loops(routes: Sequence[RouteConfig], reflecting: Mapping[str, bool]) -> list[list[str]]:

@@ -25,12 +25,13 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import trio
 
 from .admin import MAX_CONNECTIONS, AdminServer, Readiness, readiness
-from .config import Config
+from .api import Config
+from .assembly import Assembly
 from .daemon import Daemon
 from .reload import RESULT_FILE, ReloadResult, reload_daemon, write_result
 from .sdnotify import Notifier
@@ -51,9 +52,10 @@ STARTUP_FAST_S = 2.0
 
 
 class Service:
-    def __init__(self, config: Config, *, extra_plugins: Iterable[object] = (),
-                 environ: Mapping[str, str] | None = None) -> None:
-        self.daemon = Daemon(config, extra_plugins=extra_plugins)
+    def __init__(self, assembly: Assembly, *, environ: Mapping[str, str] | None = None
+                 ) -> None:
+        config = assembly.config
+        self.daemon = Daemon(assembly)
         self.notifier = Notifier(environ)
         self.admin: AdminServer | None = None
         if config.admin.enabled:
@@ -242,10 +244,12 @@ def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-async def run_service(config: Config, *, extra_plugins: Iterable[object] = ()) -> None:
-    """Serve until SIGTERM or SIGINT (drain, return), reloading on SIGHUP."""
-    raise_open_file_limit(config)
-    service = Service(config, extra_plugins=extra_plugins)
+async def run_service(assembly: Assembly) -> None:
+    """The process's trio entry point (``bridged run``): serve until SIGTERM or SIGINT
+    (drain, return; a second signal during the drain stops at once), reloading on
+    SIGHUP."""
+    raise_open_file_limit(assembly.config)
+    service = Service(assembly)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 

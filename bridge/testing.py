@@ -2,10 +2,14 @@
 
 Installed as a pytest plugin (entry point ``pytest11``), it offers:
 
-* :func:`run_bridge` - an async context manager that runs a daemon in-process from a config
-  (a :class:`~bridge.config.Config`, a path, or TOML text) and drains it on exit;
+* :func:`run_bridge` - an async context manager that runs a daemon in-process from what
+  ``bridge_config`` returned (an :class:`~bridge.assembly.Assembly`) or a config file's
+  path, and drains it on exit;
 * the ``bridge_config`` fixture - writes TOML text to a file in ``tmp_path`` (with
-  ``[daemon] state_dir`` defaulting into ``tmp_path``) and loads it.
+  ``[daemon] state_dir`` defaulting into ``tmp_path``) and assembles it with its plugins.
+
+Plugins given in code (``extra_plugins``) are given once, to whichever of the two comes
+first; giving the same objects to both also works.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from .config import Config, load_config
+from .api import Config
+from .assembly import Assembly, assemble
 from .daemon import Daemon
 
 #: Two memory transports and one route between them: ``a -> b`` (route ``ab``).
@@ -45,14 +50,29 @@ def write_config(directory: Path, text: str, name: str = "bridged.toml") -> Path
     return path
 
 
+def with_plugins(source: Assembly | Config | Path | str, extra_plugins: Iterable[object] = ()
+                 ) -> Assembly:
+    """``source`` assembled with ``extra_plugins``. An assembly that already has them is
+    returned as it is; otherwise its file is assembled again with them added."""
+    extra = list(extra_plugins)
+    if isinstance(source, Assembly):
+        missing = [p for p in extra if not source.pm.is_registered(p)]
+        if not missing:
+            return source
+        extra = [*source.extra_plugins, *missing]
+        source = source.config.path
+    elif isinstance(source, Config):
+        source = source.path
+    return assemble(source, extra_plugins=extra)
+
+
 @asynccontextmanager
-async def run_bridge(config: Config | Path | str, *, extra_plugins: Iterable[object] = ()
-                     ) -> AsyncIterator[Daemon]:
-    """Run a daemon for the duration of the block; on exit drain it and wait until done."""
-    extra_plugins = list(extra_plugins)
-    if isinstance(config, str | Path):
-        config = load_config(config, extra_plugins=extra_plugins)
-    daemon = Daemon(config, extra_plugins=extra_plugins)
+async def run_bridge(config: Assembly | Config | Path | str, *,
+                     extra_plugins: Iterable[object] = ()) -> AsyncIterator[Daemon]:
+    """Run a daemon for the duration of the block; on exit drain it and wait until done.
+    ``config``: what ``bridge_config`` returned, or a config file's path; ``extra_plugins``
+    are added to the plugins it was assembled with (see :func:`with_plugins`)."""
+    daemon = Daemon(with_plugins(config, extra_plugins))
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
         try:
@@ -63,11 +83,12 @@ async def run_bridge(config: Config | Path | str, *, extra_plugins: Iterable[obj
 
 
 @pytest.fixture
-def bridge_config(tmp_path: Path) -> Callable[..., Config]:
-    """``bridge_config(toml_text, extra_plugins=())`` -> a loaded
-    :class:`~bridge.config.Config` (state in ``tmp_path/state``)."""
+def bridge_config(tmp_path: Path) -> Callable[..., Assembly]:
+    """``bridge_config(toml_text, extra_plugins=())`` -> the config written to
+    ``tmp_path/bridged.toml`` (state in ``tmp_path/state``), checked and assembled with its
+    plugins: an :class:`~bridge.assembly.Assembly` (``.config`` is the checked config)."""
 
-    def make(text: str, extra_plugins: Iterable[object] = ()) -> Config:
-        return load_config(write_config(tmp_path, text), extra_plugins=extra_plugins)
+    def make(text: str, extra_plugins: Iterable[object] = ()) -> Assembly:
+        return assemble(write_config(tmp_path, text), extra_plugins=extra_plugins)
 
     return make

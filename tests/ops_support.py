@@ -10,15 +10,16 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import h11
+import pluggy
 import pytest
 import trio
 
-from bridge.config import Config
+from bridge.assembly import Assembly
 from bridge.service import Service
 
 OPSPLUG_DIR = Path(__file__).parent / "opsplug"
@@ -42,12 +43,25 @@ def use_opsplug(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
         monkeypatch.syspath_prepend(str(path))
 
 
+def count_plugin_managers(monkeypatch: pytest.MonkeyPatch) -> list[pluggy.PluginManager]:
+    """The plugin managers this process builds from now on (for the rest of the test)."""
+    built: list[pluggy.PluginManager] = []
+    init = pluggy.PluginManager.__init__
+
+    def counted(self: pluggy.PluginManager, project_name: str) -> None:
+        built.append(self)
+        init(self, project_name)
+
+    monkeypatch.setattr(pluggy.PluginManager, "__init__", counted)
+    return built
+
+
 @asynccontextmanager
-async def running_service(config: Config, *, extra_plugins: Iterable[object] = (),
+async def running_service(assembly: Assembly, *,
                           environ: Mapping[str, str] | None = None,
                           wait_ready: bool = True) -> AsyncIterator[Service]:
     """A :class:`Service` in this process (no signals); drained on exit."""
-    service = Service(config, extra_plugins=extra_plugins, environ=environ or {})
+    service = Service(assembly, environ=environ or {})
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         if wait_ready:

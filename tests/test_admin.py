@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import TransportContext, TransportType, hookimpl
 from bridge.admin import MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, readiness
-from bridge.config import Config, load_config
+from bridge.assembly import Assembly, assemble
 from bridge.service import Service
 from bridge.testing import MEMORY_AB, write_config
 from bridge.transport import Health
@@ -40,11 +40,11 @@ def admin_port(service: Service) -> int:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return load_config(write_config(tmp_path, ROUTED))
+def config(tmp_path: Path) -> Assembly:
+    return assemble(write_config(tmp_path, ROUTED))
 
 
-async def test_healthz_and_readyz_answer_200_when_serving(config: Config) -> None:
+async def test_healthz_and_readyz_answer_200_when_serving(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         assert port != 0  # port 0 in the config: the bound port is exposed
@@ -60,7 +60,7 @@ async def test_healthz_and_readyz_answer_200_when_serving(config: Config) -> Non
         assert state["not_ready"] == {}
 
 
-async def test_metrics_count_a_known_number_of_messages(config: Config) -> None:
+async def test_metrics_count_a_known_number_of_messages(config: Assembly) -> None:
     async with running_service(config) as service:
         a: Any = service.daemon.transports["a"]
         b: Any = service.daemon.transports["b"]
@@ -81,7 +81,7 @@ async def test_metrics_count_a_known_number_of_messages(config: Config) -> None:
 async def test_readyz_turns_503_naming_the_transport_and_back_to_200(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_opsplug(monkeypatch, tmp_path / "site")
-    config = load_config(write_config(tmp_path, """
+    config = assemble(write_config(tmp_path, """
 [admin]
 port = 0
 [plugins]
@@ -126,7 +126,7 @@ def test_readiness_while_starting_and_draining() -> None:
     assert readiness({"a": Health(False, "x")}).summary() == "starting: waiting for a: x"
 
 
-async def test_readyz_is_503_once_draining(config: Config) -> None:
+async def test_readyz_is_503_once_draining(config: Assembly) -> None:
     async with running_service(config) as service:
         service.stop_requested = True  # what stop() sets first
         status, _, body = await http(admin_port(service), "/readyz")
@@ -134,7 +134,7 @@ async def test_readyz_is_503_once_draining(config: Config) -> None:
         assert json.loads(body)["state"] == "draining"
 
 
-async def test_unknown_paths_methods_and_head(config: Config) -> None:
+async def test_unknown_paths_methods_and_head(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         status, _, body = await http(port, "/")
@@ -150,7 +150,7 @@ async def test_unknown_paths_methods_and_head(config: Config) -> None:
 
 
 async def test_keep_alive_serves_requests_until_the_cap_then_says_close(
-        config: Config) -> None:
+        config: Assembly) -> None:
     async with running_service(config) as service:
         stream = await trio.open_tcp_stream("127.0.0.1", admin_port(service))
         async with stream:
@@ -183,7 +183,7 @@ async def _raw(port: int, data: bytes) -> bytes:
         return out
 
 
-async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Config) -> None:
+async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Assembly) -> None:
     async with running_service(config) as service:
         port = admin_port(service)
         big_header = (b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: "
@@ -197,7 +197,7 @@ async def test_oversized_headers_get_431_and_oversized_bodies_413(config: Config
         assert (await _raw(port, garbage)).startswith(b"HTTP/1.1 400 ")
 
 
-async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Config) -> None:
+async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Assembly) -> None:
     async with running_service(config) as service:
         assert service.admin is not None
         service.admin.request_timeout_s = 0.2
@@ -206,7 +206,7 @@ async def test_an_idle_connection_is_closed_after_the_request_timeout(config: Co
         assert 0.15 <= trio.current_time() - start < 2
 
 
-async def test_connections_over_the_cap_get_503(config: Config) -> None:
+async def test_connections_over_the_cap_get_503(config: Assembly) -> None:
     async with running_service(config) as service:
         assert service.admin is not None
         service.admin.max_connections = 3
@@ -221,57 +221,63 @@ async def test_connections_over_the_cap_get_503(config: Config) -> None:
         assert status == 200  # slots are given back
 
 
-class Gate(MemoryTransport):
-    """A transport that starts only once the test opens :data:`GATE` (a broker's first
-    connection attempt once held the daemon in "starting" like this)."""
+class HeldStart:
+    """Transport type ``held``: a memory transport that starts only once ``release`` is set
+    (the amqp transport starts as soon as its outbox is open, whatever the broker does)."""
 
-    async def run(self, ctx: TransportContext, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        GATE.starting.set()
-        await GATE.open.wait()
-        await super().run(ctx, task_status=task_status)
-
-    def health(self) -> Health:
-        return Health(GATE.open.is_set(), "" if GATE.open.is_set() else "waiting at the gate")
-
-
-class _Gate:
     def __init__(self) -> None:
-        self.starting = trio.Event()
-        self.open = trio.Event()
+        self.release = trio.Event()
 
     @hookimpl
     def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:
-        register(TransportType("gate", MemorySettings, Gate))
+        outer = self
 
+        class Held(MemoryTransport):
+            async def run(self, ctx: TransportContext, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+                await outer.release.wait()
+                await super().run(ctx, task_status=task_status)
 
-GATE = _Gate()
+        register(TransportType("held", MemorySettings, Held))
 
 
 async def test_readyz_names_the_transports_while_they_start(tmp_path: Path) -> None:
-    # While a transport starts, the daemon is starting: /readyz answered "transports":{} then.
-    config = load_config(write_config(tmp_path, """
+    # A "broker" that accepts and never answers keeps the amqp transport connecting, and a
+    # transport that has not started yet keeps the daemon starting: /readyz answered
+    # "transports":{} then.
+    connecting = trio.Event()
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            connecting.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, hold, 0)
+        port = listeners[0].socket.getsockname()[1]
+        config = assemble(write_config(tmp_path, f"""
 [admin]
 port = 0
-[transports.slow]
-type = "gate"
+[transports.rabbit]
+type = "amqp"
+url = "amqp://guest:guest@127.0.0.1:{port}/"
+connect_timeout_s = 30
 [transports.a]
-type = "memory"
-"""), extra_plugins=[GATE])
-    async with trio.open_nursery() as nursery:
-        service = Service(config, environ={}, extra_plugins=[GATE])
+type = "held"
+"""), extra_plugins=[HeldStart()])
+        service = Service(config, environ={})
         nursery.start_soon(service.run)
-        with trio.fail_after(10):
-            await GATE.starting.wait()  # the admin listener binds before transports start
         assert service.admin is not None
+        with trio.fail_after(10):
+            await connecting.wait()  # the admin listener binds before transports start
         assert service.admin.port is not None
         status, _, body = await http(service.admin.port, "/readyz")
         assert not service.serving
         state = json.loads(body)
         assert status == 503
         assert state["state"] == "starting"
-        assert set(state["transports"]) == {"slow", "a"}
-        assert state["not_ready"]["a"] == "not started"  # started after slow
-        assert state["not_ready"]["slow"] == "waiting at the gate"
-        GATE.open.set()
+        assert set(state["transports"]) == {"rabbit", "a"}
+        assert state["not_ready"]["a"] == "not started"  # started after rabbit
+        assert state["not_ready"]["rabbit"].startswith("not connected to the broker")
         nursery.cancel_scope.cancel()

@@ -43,7 +43,7 @@ from bridge import (
     Message,
     hookimpl,
 )
-from bridge.config import load_config
+from bridge.assembly import assemble
 from bridge.daemon import Daemon
 from bridge.testing import run_bridge, write_config
 from bridge_plugins.amqp import AmqpTransport, redact
@@ -450,7 +450,7 @@ async def test_spooled_messages_survive_a_crash(tmp_path: Path) -> None:
     with trio.socket.socket() as dead_port:  # bound, not listening: connections are refused
         await dead_port.bind(("127.0.0.1", 0))
         unreachable = broker_url(port=dead_port.getsockname()[1])
-        cfg = load_config(config(tmp_path, names, unreachable, routes=TO_AMQP))
+        cfg = assemble(config(tmp_path, names, unreachable, routes=TO_AMQP))
         daemon = Daemon(cfg)
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
@@ -628,7 +628,7 @@ def test_loopback_binding_is_a_route_loop(tmp_path: Path) -> None:
                   amqp={"bind_consume_queue_to_exchange": ["chat.#"]},
                   routes='[[routes]]\nname = "back"\nfrom = "amqp"\nto = ["amqp"]\n')
     with pytest.raises(ConfigError, match="loop"):
-        load_config(path)
+        assemble(path)
 
 
 def test_settings_are_checked(tmp_path: Path) -> None:
@@ -636,14 +636,14 @@ def test_settings_are_checked(tmp_path: Path) -> None:
     path = config(tmp_path, names, "http://nope/", amqp={"routing_key": "chat.{room}",
                                                          "prefetch": 0})
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        assemble(path)
     text = str(err.value)
     assert "url: must be an amqp:// or amqps:// URL" in text
     assert "unknown placeholder {room}" in text
     assert "prefetch: must be greater than 0" in text
     no_dead_letters = config(tmp_path, names, broker_url(), amqp={"dead_letter_queue": ""})
     with pytest.raises(ConfigError, match="dead_letter_queue must be set when consume_queue is"):
-        load_config(no_dead_letters)
+        assemble(no_dead_letters)
 
 
 def test_url_is_redacted() -> None:

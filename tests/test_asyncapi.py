@@ -17,19 +17,19 @@ import pytest
 import yaml
 
 from bridge import AsyncAPIContext, AsyncAPIFragment, TransportType
+from bridge.api import Config
 from bridge.asyncapi import build_document, render
 from bridge.cli import main
 from bridge.config import (
     AdminSettings,
-    Config,
     DaemonSettings,
     LogSettings,
     PluginsConfig,
-    RouteConfig,
     TransportConfig,
 )
 from bridge.contracts import CHAT, NOTIFICATIONS, load
 from bridge.plugins import Registry, build_plugin_manager
+from bridge.routing import RouteConfig
 from bridge.testing import MEMORY_AB
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bridge import AuthError, ConfigError, Identity, PluginContext
-from bridge.config import load_config
-from bridge.plugins import Hooks, build_plugin_manager
+from bridge.assembly import assemble
+from bridge.plugins import Hooks
 from bridge.testing import write_config
 
 SECRET = "q7Vt2mXw9LpR4sNc8YhB3jKd6FgZ0aEu"  # 32 bytes, no development word
@@ -73,9 +73,10 @@ async def auth(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Authen
     async with trio.open_nursery() as nursery:
 
         async def start(text: str) -> Authenticate:
-            config = load_config(write_config(tmp_path, text))
+            assembly = assemble(write_config(tmp_path, text))
+            config = assembly.config
             config.daemon.state_dir.mkdir(parents=True, exist_ok=True)  # as Daemon.serve does
-            pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
+            pm = assembly.pm
             hooks = Hooks(pm)
             contexts = {name: PluginContext(name, config.plugins.settings.get(name),
                                             config.daemon.state_dir, nursery)
@@ -321,7 +322,7 @@ async def test_es256_via_a_jwks_file(
 def test_config_errors_name_file_line_and_key(tmp_path: Path, table: str, problem: str) -> None:
     path = write_config(tmp_path, BASE + table)
     with pytest.raises(ConfigError) as caught:
-        load_config(path)
+        assemble(path)
     (line,) = caught.value.errors
     assert re.match(rf"{re.escape(str(path))}:\d+: plugins\.auth_jwt", line), line
     assert problem in line, line
@@ -332,13 +333,13 @@ def test_ec_key_file_with_rs256_is_refused(tmp_path: Path) -> None:
     path = write_config(tmp_path, BASE + 'enabled = true\nalgorithms = ["RS256"]\n'
                                          'public_key_file = "ec.pem"\n')
     with pytest.raises(ConfigError, match="holds an EC key; algorithms must be ES"):
-        load_config(path)
+        assemble(path)
 
 
 def test_secret_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRIDGED_JWT_SECRET", SECRET)
-    config = load_config(write_config(tmp_path, BASE + 'enabled = true\n'
-                                                       'secret_env = "BRIDGED_JWT_SECRET"\n'))
+    config = assemble(write_config(tmp_path, BASE + 'enabled = true\n'
+                                                    'secret_env = "BRIDGED_JWT_SECRET"\n')).config
     settings = config.plugins.settings["auth_jwt"]
     assert settings.secret == SECRET
     assert SECRET not in repr(settings)

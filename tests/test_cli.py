@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -31,6 +32,37 @@ def test_check_typo_prints_file_line_key_and_exits_1(tmp_path: Path) -> None:
     assert f"{cfg}:3: transports.a.capacty: unknown key (did you mean 'capacity'?)" in result.stderr
 
 
+HALF_TLS = """\
+[admin]
+enabled = false
+[transports.chat]
+type = "websocket"
+port = 0
+tls_cert = "cert.pem"
+[transports.b]
+type = "memory"
+[[routes]]
+name = "x"
+from = "chat"
+to = ["b"]
+"""
+
+
+def test_check_refuses_what_run_refuses_a_certificate_without_its_key(tmp_path: Path) -> None:
+    # The transport checked the pair only when it was created, inside the running daemon:
+    # `check` said ok (exit 0) and `run` stopped with a traceback (exit 3).
+    cfg = tmp_path / "half-tls.toml"
+    cfg.write_text(HALF_TLS)
+    problem = f"{cfg}:3: transports.chat: set both tls_cert and tls_key, or neither"
+    checked = bridged("check", "-c", str(cfg))
+    assert (checked.returncode, checked.stdout) == (1, "")
+    assert problem in checked.stderr.splitlines()
+    ran = bridged("run", "-c", str(cfg))
+    assert ran.returncode == 1
+    assert problem in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 def test_check_missing_file_exits_1(tmp_path: Path) -> None:
     result = bridged("check", "-c", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
@@ -57,3 +89,25 @@ def test_wheel_has_no_bare_plugins_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "bridge_plugins/memory.py" in names
     assert "bridge/py.typed" in names
+
+
+def test_a_third_party_plugin_offers_a_subcommand_where_the_config_enables_it(
+        tmp_path: Path) -> None:
+    # Only the built-in plugins were asked for subcommands: "invalid choice: 'greet'".
+    from ops_support import install_opsplug
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [*map(str, install_opsplug(tmp_path / "site")), os.environ.get("PYTHONPATH", "")])}
+    base = '[transports.a]\ntype = "memory"\n'
+    enabled = tmp_path / "enabled.toml"
+    enabled.write_text('[plugins]\nenable = ["opsplug"]\n[plugins.opsplug]\ngreeting = "hi"\n'
+                       + base)
+    greet = subprocess.run([sys.executable, "-m", "bridge", "greet", "-c", str(enabled)],
+                           capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert (greet.returncode, greet.stdout) == (0, "hi\n"), greet.stderr
+    plain = tmp_path / "plain.toml"
+    plain.write_text(base)
+    refused = subprocess.run([sys.executable, "-m", "bridge", "greet", "-c", str(plain)],
+                             capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert refused.returncode == 2
+    assert "invalid choice: 'greet'" in refused.stderr

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import Secret, load_config
+from bridge import Secret
+from bridge.assembly import assemble
 from bridge.errors import ConfigError
 
 BASE = """
@@ -27,14 +28,14 @@ def errors_of(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "c.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        assemble(path)
     return info.value.errors
 
 
 def test_valid_config_loads_typed_frozen(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[daemon]\nstate_dir = \"st\"\nhop_limit = 3\n" + BASE)
-    config = load_config(path)
+    config = assemble(path).config
     assert config.daemon.hop_limit == 3
     assert config.daemon.state_dir == tmp_path / "st"  # relative to the config file
     assert config.routes[0].destinations == ("b",)
@@ -120,7 +121,7 @@ def test_routes_both_ways_without_reflection_are_not_a_loop(tmp_path: Path) -> N
     path = tmp_path / "c.toml"
     path.write_text(BASE + '\n[[routes]]\nname = "b-to-a"\nfrom = "b"\nto = ["a"]\n'
                     '\n[[routes]]\nname = "fanout"\nfrom = "a"\nto = ["a"]\n')
-    assert len(load_config(path).routes) == 3
+    assert len(assemble(path).config.routes) == 3
 
 
 def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
@@ -137,13 +138,13 @@ def test_secret_from_file_env_and_placeholder(tmp_path: Path, monkeypatch: pytes
                                               ) -> None:
     from dataclasses import dataclass
 
-    from bridge.config import Locator, _Errors, build
+    from bridge.config import Locator, Problems, build
 
     @dataclass(frozen=True)
     class S:
         token: Secret
 
-    errors = _Errors(tmp_path / "c.toml", Locator(""))
+    errors = Problems(tmp_path / "c.toml", Locator(""))
     (tmp_path / "tok").write_text("s3cr3t-value\n")
     from_file = build(S, {"token_file": str(tmp_path / "tok")}, ("x",), errors, tmp_path)
     assert from_file.token == "s3cr3t-value"

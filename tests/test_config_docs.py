@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bridge.config import AdminSettings, DaemonSettings, LogSettings, _RouteTable
+from bridge.config import AdminSettings, DaemonSettings, LogSettings, RouteTable
 from bridge.plugins import Registry, build_plugin_manager
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
@@ -22,7 +22,7 @@ def _section(title: str) -> str:
 
 def test_core_tables_documented() -> None:
     for title, cls in (("## [daemon]", DaemonSettings), ("## [log]", LogSettings),
-                       ("## [admin]", AdminSettings), ("## [[routes]]", _RouteTable)):
+                       ("## [admin]", AdminSettings), ("## [[routes]]", RouteTable)):
         section = _section(title)
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in section, f"{title}: `{f.name}` is not documented"

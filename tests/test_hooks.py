@@ -28,7 +28,8 @@ from bridge import (
     Transform,
     hookimpl,
 )
-from bridge.config import Config, load_config
+from bridge.api import Config
+from bridge.assembly import Assembly, assemble
 from bridge.daemon import Daemon
 from bridge.hookspecs import hookspec
 from bridge.plugins import Hooks, build_plugin_manager, refuse_unhonoured
@@ -80,10 +81,10 @@ class Extras:
         self.events.append("shutdown")
 
 
-async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Config]) -> None:
+async def test_registration_and_lifecycle_hooks(bridge_config: Callable[..., Assembly]) -> None:
     extras = Extras()
     config = bridge_config(CONFIG, extra_plugins=[extras])
-    async with run_bridge(config, extra_plugins=[extras]) as daemon:
+    async with run_bridge(config) as daemon:  # the plugins are given once
         assert extras.events == ["startup state"]
         assert daemon.registry.codecs["text/x-reversed"].decode(b"olleh") == "hello"
         # A kind of its own: the built-in enrichment would shape a chat.event.
@@ -139,7 +140,7 @@ async def test_first_answer_hooks_mix_sync_and_async() -> None:
     assert info.value.status == 403
 
 
-async def test_replay_without_history_is_a_clear_error(bridge_config: Callable[..., Config]
+async def test_replay_without_history_is_a_clear_error(bridge_config: Callable[..., Assembly]
                                                         ) -> None:
     from bridge.daemon import _Context
     from bridge.errors import ContractError
@@ -174,14 +175,14 @@ class Tuning:
         self.seen = context.settings
 
 
-async def test_plugin_settings_table_is_typed_and_checked(bridge_config: Callable[..., Config]
+async def test_plugin_settings_table_is_typed_and_checked(bridge_config: Callable[..., Assembly]
                                                           ) -> None:
     from bridge.errors import ConfigError
 
     plugin = Tuning()
     base = CONFIG.split("[[")[0]
     config = bridge_config("[plugins.tuning]\nlevel = 3\n" + base, extra_plugins=[plugin])
-    async with run_bridge(config, extra_plugins=[plugin]):
+    async with run_bridge(config, extra_plugins=[plugin]):  # given twice: the same
         assert plugin.seen.level == 3
     with pytest.raises(ConfigError) as info:
         bridge_config("[plugins.tuning]\nlevel = 30\nlevle = 1\n" + base, extra_plugins=[plugin])
@@ -250,7 +251,7 @@ def test_wrapper_implementation_is_refused_at_start_up(plugin: object, hook: str
 def test_config_with_a_wrapper_plugin_is_refused(tmp_path: Path) -> None:
     path = write_config(tmp_path, MEMORY_AB)
     with pytest.raises(ConfigError, match="bridge_enrich_message is a wrapper=True"):
-        load_config(path, extra_plugins=[WrappingEnricher()])
+        assemble(path, extra_plugins=[WrappingEnricher()])
 
 
 def test_firstresult_spec_is_refused() -> None:
@@ -318,3 +319,22 @@ def test_auth_hook_result_is_typed_identity_or_none() -> None:
     for function in (hookspecs.bridge_authenticate_handshake, Hooks.authenticate,
                      TransportContext.authenticate):
         assert inspect.signature(function).return_annotation == "Identity | None", function
+
+
+def test_each_command_builds_one_plugin_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A plugin's subcommand asked a manager of built-ins for the command list, then checked
+    # its config with another; check, plugins and asyncapi built two as well.
+    from ops_support import count_plugin_managers
+
+    from bridge.cli import main
+    from bridge.testing import MEMORY_AB, write_config
+
+    built = count_plugin_managers(monkeypatch)
+    config = str(write_config(tmp_path, MEMORY_AB))
+    for argv, code in ((["routes", "-c", config], 7), (["check", "-c", config], 0),
+                       (["plugins", "-c", config], 0), (["asyncapi", "-c", config], 0)):
+        built.clear()
+        assert main(argv, extra_plugins=[RoutesCommand()]) == code
+        assert len(built) == 1, argv
+    capsys.readouterr()

@@ -15,7 +15,7 @@ import pytest
 from ops_support import running_service
 
 from bridge import ContractError, Message, hookimpl
-from bridge.config import load_config
+from bridge.assembly import assemble
 from bridge.logs import JsonFormatter, setup_logging
 from bridge.testing import MEMORY_AB, write_config
 
@@ -141,11 +141,11 @@ class _RejectSome:
 async def test_chat_text_is_never_logged_at_info_or_above(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    config = load_config(write_config(tmp_path, """
+    config = assemble(write_config(tmp_path, """
 [admin]
 port = 0
-""" + MEMORY_AB))
-    async with running_service(config, extra_plugins=[_RejectSome()]) as service:
+""" + MEMORY_AB), extra_plugins=[_RejectSome()])
+    async with running_service(config) as service:
         a: Any = service.daemon.transports["a"]
         for text in ("TOP-SECRET-CHAT-TEXT", "REJECT-TOP-SECRET-CHAT-TEXT"):
             body = {"type": "update", "message": [{"type": "message", "text": text}]}

@@ -23,7 +23,7 @@ from bridge import (
     TransportType,
     hookimpl,
 )
-from bridge.config import Config
+from bridge.assembly import Assembly
 from bridge.daemon import Daemon
 from bridge.plugins import build_plugin_manager
 from bridge.testing import run_bridge
@@ -52,7 +52,7 @@ from = "a"
 to = ["b"]
 """
 
-MakeConfig = Callable[..., Config]
+MakeConfig = Callable[..., Assembly]
 
 
 def mem(daemon: Daemon, name: str) -> MemoryTransport:
@@ -241,7 +241,7 @@ async def test_destination_failure_affects_only_its_message(bridge_config: MakeC
     config = bridge_config(TWO.replace('[transports.b]\ntype = "memory"',
                                        '[transports.b]\ntype = "flaky"'),
                            extra_plugins=[FlakyPlugin()])
-    async with run_bridge(config, extra_plugins=[FlakyPlugin()]) as daemon:
+    async with run_bridge(config) as daemon:
         bad = await mem(daemon, "a").inject({"refuse": True}, id="x")
         good = await mem(daemon, "a").inject({"n": 1}, id="y")
         assert (await mem(daemon, "b").received.receive()).id == "y"

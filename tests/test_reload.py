@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import trio
-from ops_support import running_service, use_opsplug
+from ops_support import count_plugin_managers, running_service, use_opsplug
 
-from bridge import Secret
-from bridge.config import load_config
+from bridge import PluginContext, Secret, hookimpl, setting
+from bridge.assembly import assemble
 from bridge.reload import changed_fields
 from bridge.service import Service
 from bridge.testing import write_config
@@ -62,7 +62,7 @@ async def roundtrip(service: Service, text: str) -> str:
 
 async def test_a_good_reload_swaps_routes_and_messages_keep_flowing(tmp_path: Path) -> None:
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         assert await roundtrip(service, "before") == "b"
         write_config(tmp_path, TO_C)
         result = await service.reload()
@@ -76,7 +76,7 @@ async def test_a_good_reload_swaps_routes_and_messages_keep_flowing(tmp_path: Pa
 async def test_a_bad_config_is_refused_and_the_old_one_keeps_running(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         path.write_text(path.read_text().replace('to = ["b"]', 'to = ["nowhere"]')
                         + '\n[log]\nlevel = "loud"\n')
         result = await service.reload()
@@ -95,7 +95,7 @@ async def test_a_bad_config_is_refused_and_the_old_one_keeps_running(
 
 async def test_transports_added_or_removed_need_a_restart(tmp_path: Path) -> None:
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         write_config(tmp_path, TO_B + '\n[transports.d]\ntype = "memory"\n')
         result = await service.reload()
         assert not result.ok
@@ -108,7 +108,7 @@ async def test_transport_settings_apply_live_or_wait_for_a_restart(
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", root.level)  # the reload changes it; put it back
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         write_config(tmp_path, TO_B.replace('[transports.c]\ntype = "memory"',
                                             '[transports.c]\ntype = "memory"\nreflect = true')
                      .replace('[transports.b]\ntype = "memory"',
@@ -153,7 +153,7 @@ type = "memory"
 """
     path = write_config(tmp_path, text)
     caplog.set_level(logging.DEBUG)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         plugin: Any = service.daemon.pm.get_plugin("opsplug")
         assert plugin.settings.greeting == "hello"
         write_config(tmp_path, text.replace('"hello"', '"bonjour"')
@@ -169,7 +169,7 @@ type = "memory"
 
 async def test_reload_requests_coalesce(tmp_path: Path) -> None:
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         done: list[bool] = []
         two_done = trio.Event()
         real_reload = service.reload
@@ -192,7 +192,7 @@ async def test_reload_requests_coalesce(tmp_path: Path) -> None:
 
 async def test_no_reload_during_the_drain(tmp_path: Path) -> None:
     path = write_config(tmp_path, TO_B)
-    async with running_service(load_config(path)) as service:
+    async with running_service(assemble(path)) as service:
         await service.stop()
         write_config(tmp_path, TO_C)
         result = await service.reload()
@@ -209,3 +209,57 @@ def test_changed_fields_names_fields_never_values() -> None:
     old, new = S(Secret("amqp://u:one@h/"), 1), S(Secret("amqp://u:two@h/"), 1)
     assert changed_fields(old, new) == ["url"]
     assert changed_fields(old, old) == []
+
+
+class Tuned:
+    """A plugin given in code (not installed) with a settings table it can apply live."""
+
+    __name__ = "tuned"
+
+    def __init__(self) -> None:
+        self.levels: list[int] = []
+
+    @hookimpl
+    def bridge_settings_class(self) -> type[Any]:
+        return TunedSettings
+
+    @hookimpl
+    def bridge_startup(self, context: PluginContext) -> None:
+        self.levels.append(context.settings.level)
+
+    @hookimpl
+    def bridge_reconfigure(self, context: PluginContext, previous: Any) -> bool:
+        self.levels.append(context.settings.level)
+        return True
+
+
+@dataclass(frozen=True)
+class TunedSettings:
+    level: int = setting(1)
+
+
+async def test_a_daemon_with_plugins_given_in_code_reloads(tmp_path: Path) -> None:
+    # The reload read the file with a plugin manager of its own, built without them:
+    # "plugins.tuned: settings for a plugin that is not enabled", whatever had changed.
+    path = write_config(tmp_path, "[plugins.tuned]\nlevel = 2\n" + TO_B)
+    plugin = Tuned()
+    async with running_service(assemble(path, extra_plugins=[plugin])) as service:
+        write_config(tmp_path, "[plugins.tuned]\nlevel = 3\n" + TO_C)
+        result = await service.reload()
+        assert (result.ok, result.errors) == (True, [])
+        assert sorted(result.applied) == ["[plugins.tuned] level", "route to-b removed",
+                                          "route to-c added"]
+        assert plugin.levels == [2, 3]  # the running instance was reconfigured
+        assert await roundtrip(service, "after") == "c"
+
+
+async def test_no_plugin_manager_is_built_by_a_reload(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, TO_B)
+    async with running_service(assemble(path)) as service:
+        built = count_plugin_managers(monkeypatch)
+        write_config(tmp_path, TO_C)
+        assert (await service.reload()).ok
+        write_config(tmp_path, TO_C.replace("[admin]", "[admni]"))  # refused
+        assert not (await service.reload()).ok
+        assert built == []

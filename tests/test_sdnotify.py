@@ -19,7 +19,7 @@ import trio
 from ops_support import NotifySocket, abstract_name
 
 from bridge import Message, hookimpl, sdnotify
-from bridge.config import load_config
+from bridge.assembly import assemble
 from bridge.sdnotify import Notifier, socket_address, watchdog_interval
 from bridge.service import Service
 from bridge.testing import MEMORY_AB, write_config
@@ -207,12 +207,12 @@ async def test_the_watchdog_stops_while_the_loop_is_blocked(tmp_path: Path) -> N
     arrivals = _Arrivals()
     thread = threading.Thread(target=_collect, args=(receiver, arrivals), daemon=True)
     thread.start()
-    config = load_config(write_config(tmp_path, """
+    blocker = _Blocker(0.6)
+    config = assemble(write_config(tmp_path, """
 [admin]
 enabled = false
-""" + MEMORY_AB))
-    blocker = _Blocker(0.6)
-    service = Service(config, extra_plugins=[blocker],
+""" + MEMORY_AB), extra_plugins=[blocker])
+    service = Service(config,
                       environ={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "100000"})
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)

@@ -4,6 +4,7 @@ socket sees READY/RELOADING/STOPPING in order, SIGHUP reloads, SIGTERM drains an
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import signal
@@ -266,3 +267,55 @@ async def test_bridged_reload_never_takes_a_result_of_another_process_or_boot(
     finally:
         ignores.kill()
         await ignores.wait()
+
+
+COUNT_MANAGERS = """\
+import sys
+
+import pluggy
+
+_init = pluggy.PluginManager.__init__
+
+
+def _counted(self, project_name):
+    sys.stderr.write("test: a plugin manager was built\\n")
+    _init(self, project_name)
+
+
+pluggy.PluginManager.__init__ = _counted
+"""
+
+
+async def test_one_plugin_manager_per_process_and_none_per_reload(tmp_path: Path) -> None:
+    # Each process counts the managers it builds (a sitecustomize on its PYTHONPATH). They
+    # were three per `bridged run` (the command line's, the config's, the daemon's), one
+    # more per SIGHUP, and two per `bridged check`.
+    counting = tmp_path / "counting"
+    counting.mkdir()
+    (counting / "sitecustomize.py").write_text(COUNT_MANAGERS)
+    config = write_config(tmp_path, TWO_ROUTES)
+    notify = await NotifySocket(abstract_name()).bind()
+    bridged = await start_bridged(config, notify, pythonpath=[counting])
+    with trio.fail_after(20):
+        await notify.until("READY")
+        for route in ("c", "b"):
+            config.write_text(config.read_text().replace('to = ["b"]', f'to = ["{route}"]')
+                              .replace('to = ["c"]', f'to = ["{route}"]'))
+            bridged.signal(signal.SIGHUP)
+            assert "refused" not in (await notify.until("READY"))[-1]["STATUS"]
+        bridged.signal(signal.SIGTERM)
+        assert await bridged.wait() == 0
+    notify.close()
+    built = "test: a plugin manager was built"
+    log = bridged.log_lines()
+    assert any("reload: applied: route to-b changed" in line for line in log)
+    assert log.count(built) == 1
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(counting),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    with trio.fail_after(60):
+        checked = await trio.run_process([sys.executable, "-m", "bridge", "check", "-c",
+                                          str(config)], capture_stdout=True,
+                                         capture_stderr=True, env=env, check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.decode().splitlines().count(built) == 1

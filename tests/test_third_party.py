@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 from typing import cast
 
 from bridge import CHAT_EVENT, Accepted, ContractError, Rejected
-from bridge.config import Config
+from bridge.assembly import Assembly
 from bridge.plugins import available_plugins, build_plugin_manager, describe_plugins
 from bridge.testing import run_bridge
 from bridge_plugins.memory import MemoryTransport
@@ -47,7 +47,7 @@ def test_installed_distribution_is_discovered_through_entry_point() -> None:
     assert "bridge_validate_message" in info.hooks
 
 
-async def test_enabled_plugin_rejects_a_message(bridge_config: Callable[[str], Config]) -> None:
+async def test_enabled_plugin_rejects_a_message(bridge_config: Callable[[str], Assembly]) -> None:
     async with run_bridge(bridge_config(CONFIG)) as daemon:
         a = cast(MemoryTransport, daemon.transports["a"])
         clean = await a.inject({"type": "update", "message": [{"type": "message", "text": "hi"}]},

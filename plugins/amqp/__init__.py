@@ -2,8 +2,9 @@
 
 One job per module (docs/amqp.md):
 
-* :mod:`.transport`: the transport (settings, decoding, the pipeline's side) and its
-  registration;
+* :mod:`.transport`: the transport (decoding, the pipeline's side) and its registration;
+* :mod:`.settings`: its settings table and their checks;
+* :mod:`.asyncapi`: its part of ``bridged asyncapi``;
 * :mod:`.outbox`: the on-disk spool of messages waiting to be published;
 * :mod:`.inbox`: the consumed deliveries in hand, the ids settled lately, and the one call
   that settles a delivery (ack, dead letter, or leave it to the broker) with its copies;
@@ -13,13 +14,8 @@ One job per module (docs/amqp.md):
 * :mod:`.island`: the asyncio loop in its own thread that they run on, driven from trio.
 """
 
-from .transport import (
-    TRANSPORT,
-    AmqpSettings,
-    AmqpTransport,
-    bridge_register_transports,
-    redact,
-)
+from .settings import AmqpSettings, redact
+from .transport import TRANSPORT, AmqpTransport, bridge_register_transports
 
 __all__ = ["TRANSPORT", "AmqpSettings", "AmqpTransport", "bridge_register_transports",
            "redact"]

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 from bridge import AsyncAPIContext, AsyncAPIFragment
 
 if TYPE_CHECKING:
-    from .transport import AmqpSettings
+    from .settings import AmqpSettings
 
 AMQP_BINDING = "0.3.0"
 #: the component message describing what an AMQP transport consumes, by ``consume_kind``

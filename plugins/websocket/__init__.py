@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge import ConfigError, TransportType, hookimpl, port_number, positive, setting
+from bridge import TransportType, hookimpl, port_number, positive, setting
 
 from .asyncapi import describe
 from .server import WebSocketTransport
@@ -47,10 +47,14 @@ class WebSocketSettings:
     rate_burst: int = setting(40, check=positive,
                               doc="frames a socket may send at once; over the limit: 1008")
 
+    def __post_init__(self) -> None:
+        # Checked here, not when the transport is created: `bridged check` then reports it
+        # with file and line, as `bridged run` would.
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+
 
 def _create(name: str, settings: Any) -> WebSocketTransport:
-    if (settings.tls_cert is None) != (settings.tls_key is None):
-        raise ConfigError([f"transports.{name}: set both tls_cert and tls_key, or neither"])
     return WebSocketTransport(name, settings)
 
 

@@ -13,11 +13,13 @@ distribution on ``sys.path``, and it uses only the public API. It offers:
 * ``stall_persist_file``: while that file exists, its ``bridge_persist_messages`` (which
   runs after every other store's) writes ``<file>.stalled`` and never returns, so a test can
   SIGKILL the daemon between the history's commit and what comes after it;
-  ``stall_first_file`` does the same before every other store (so before the history).
+  ``stall_first_file`` does the same before every other store (so before the history);
+* subcommand ``bridged greet -c CONFIG``: prints ``[plugins.opsplug] greeting``.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import trio
 
 from bridge import (
     CHAT_EVENT,
+    Command,
     Health,
     Message,
     PluginContext,
@@ -182,6 +185,14 @@ class Plugin:
     @hookimpl(specname="bridge_persist_messages", tryfirst=True)
     async def persist_first(self, messages: Sequence[Message]) -> None:
         await _stall(self.settings.stall_first_file if self.settings else None, messages)
+
+    @hookimpl
+    def bridge_register_commands(self, register: Callable[[Command], None]) -> None:
+        def greet(args: argparse.Namespace, config: Any) -> int:
+            print(config.plugins.settings["opsplug"].greeting)
+            return 0
+
+        register(Command("greet", "print the greeting", lambda parser: None, greet))
 
     @hookimpl
     def bridge_register_transports(self, register: Callable[[TransportType], None]) -> None:
