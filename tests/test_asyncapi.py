@@ -109,7 +109,7 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
     chat = doc["channels"]["chat.chat"]
     assert chat["address"] == "/v1/chats/{chat_id}"
     assert set(chat["bindings"]["ws"]["query"]["properties"]) == {"heartbeat", "since",
-                                                                  "encoding"}
+                                                                  "encoding", "refusals"}
     assert {c["address"] for c in doc["channels"].values()} == {
         "/v1/chats/{chat_id}", "notifications", "notifications.dead", "chat"}
     ops = doc["operations"]

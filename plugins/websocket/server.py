@@ -19,6 +19,7 @@ import logging
 import math
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -52,7 +53,13 @@ from bridge import (
 )
 
 from .framing import Framer, JsonFramer, MsgpackFramer
-from .handshake import ChatRequest, Refusal, parse_request
+from .handshake import (
+    REFUSAL_CODE_BASE,
+    ChatRequest,
+    Refusal,
+    parse_request,
+    wants_readable_refusals,
+)
 from .stream import HeldStream
 
 if TYPE_CHECKING:
@@ -75,6 +82,13 @@ WRITE_BATCH = 64
 #: before its 1013 frame, beside what the kernel holds (docs/websocket.md).
 WRITE_BATCH_BYTES = 16 * 1024
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+#: Refusals one IP address gets as close codes (``refusals=close``) per second, and at once;
+#: beyond that it gets the HTTP status, which costs less than an upgrade and a close.
+READABLE_REFUSALS, READABLE_REFUSALS_BURST = 2.0, 20
+#: Addresses whose readable-refusal budget is remembered (least recently refused forgotten).
+BUDGET_ADDRESSES = 4096
+#: Seconds between two log lines about refusals of one kind (the others are counted).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def close_reason(text: str) -> str:
@@ -166,6 +180,8 @@ class WebSocketTransport:
         self._idle = trio.Event()
         self._idle.set()
         self._framers: dict[str, tuple[Any, Framer]] = {}  # encoding -> (codec, framer)
+        self._refusal_budget = _AddressBudget(READABLE_REFUSALS, READABLE_REFUSALS_BURST)
+        self._refusal_log = _RefusalLog(name, REFUSAL_LOG_INTERVAL)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -319,15 +335,15 @@ class WebSocketTransport:
         try:
             try:  # in the order of docs/security.md: caps, path and query, Origin, auth
                 if self._connections > s.max_connections:
-                    raise Refusal(503, "too many connections; try again later")
+                    raise Refusal(503, "too many connections; try again later", "capacity")
                 if self._per_address[address] > s.max_connections_per_address:
-                    raise Refusal(429, "too many connections from your address")
+                    raise Refusal(429, "too many connections from your address", "address_cap")
                 chat = parse_request(request.path, request.proposed_subprotocols)
                 headers = _headers(request)
                 origin = headers.get("origin")
                 if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
                         and origin not in s.allowed_origins):
-                    raise Refusal(403, "origin not allowed")
+                    raise Refusal(403, "origin not allowed", "origin")
                 identity = await self._authenticate(ctx, chat, request, headers,
                                                     _endpoint(stream.inner))
                 del headers  # not kept for the life of the connection (memory per socket)
@@ -337,9 +353,10 @@ class WebSocketTransport:
                 self._register(sock)  # before the replay is read: nothing falls in between
                 replayed = await self._replay(ctx, chat)
                 if not self._accepting:
-                    raise Refusal(503, "the server is shutting down; try again later")
+                    raise Refusal(503, "the server is shutting down; try again later",
+                                  "shutting_down")
             except Refusal as e:
-                await self._refuse(request, e)
+                await self._refuse(request, e, address, scope)
                 return
             connection = await request.accept(subprotocol=chat.subprotocol)
             stream.farewell = partial(_unsent_close, connection)
@@ -377,10 +394,11 @@ class WebSocketTransport:
                 "query": dict(chat.query), "subprotocols": list(request.proposed_subprotocols),
                 "remote": remote})
         except AuthError as e:
-            raise Refusal(e.status, str(e)) from None
+            raise Refusal(e.status, str(e), "token" if e.status == 401 else "forbidden"
+                          ) from None
         except Exception:
             log.exception("%s: authentication hook failed", self.name)
-            raise Refusal(500, "authentication failed: internal error") from None
+            raise Refusal(500, "authentication failed: internal error", "internal") from None
 
     async def _replay(self, ctx: TransportContext, chat: ChatRequest) -> Sequence[Message]:
         if chat.since is None:
@@ -388,16 +406,37 @@ class WebSocketTransport:
         try:
             return await ctx.replay(chat.chat_id, chat.since)
         except ReplayGap as e:
-            raise Refusal(410, f"since: {e}; reconnect without since for live events"
-                          ) from None
+            raise Refusal(410, f"since: {e}; reconnect without since for live events",
+                          "since_gone") from None
         except ContractError as e:
-            raise Refusal(400, reason_for(e)) from None
+            raise Refusal(400, reason_for(e), "since") from None
         except Exception:
             log.exception("%s: replay failed for chat %s", self.name, chat.chat_id)
-            raise Refusal(500, "replay failed: internal error") from None
+            raise Refusal(500, "replay failed: internal error", "internal") from None
 
-    async def _refuse(self, request: WebSocketRequest, refusal: Refusal) -> None:
-        self._ctx_().count("handshake_refusals_total", status=str(refusal.status))
+    async def _refuse(self, request: WebSocketRequest, refusal: Refusal, address: str,
+                      scope: trio.CancelScope) -> None:
+        """Refuse with the HTTP status, or, when the client asked (``refusals=close``) and
+        its address is within :data:`READABLE_REFUSALS` per second, accept the upgrade and
+        close at once with ``4000 + status`` and the same reason, which a browser can read.
+        Either way the connection counts against the caps until it is gone, and it gets
+        ``close_timeout_s`` at most from here."""
+        ctx = self._ctx_()
+        readable = (wants_readable_refusals(request.path)
+                    and self._refusal_budget.take(address, trio.current_time()))
+        answer = "close" if readable else "http"
+        ctx.count("handshake_refusals_total", status=str(refusal.status))
+        ctx.count("handshake_refusals_by_reason_total", reason=refusal.kind, answer=answer)
+        self._refusal_log.note(refusal, address, answer, trio.current_time())
+        scope.deadline = min(scope.deadline, trio.current_time() + self.settings.close_timeout_s)
+        if readable:
+            offered = list(request.proposed_subprotocols)
+            known = [p for p in offered if p in FRAMERS]
+            # a browser fails a handshake whose answer names none of the offered subprotocols
+            chosen = (known or offered)[0] if offered else None
+            connection = await request.accept(subprotocol=chosen)
+            await connection.aclose(REFUSAL_CODE_BASE + refusal.status, refusal.reason)
+            return
         headers = list(_TEXT)
         if refusal.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
@@ -533,6 +572,43 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
     finally:
         await stream.release()
     return sequence, last
+
+
+class _AddressBudget:
+    """A token bucket per IP address (``rate`` per second, ``burst`` at once), for the
+    :data:`BUDGET_ADDRESSES` addresses seen last."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, address: str, now: float) -> bool:
+        tokens, then = self._buckets.pop(address, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        ok = tokens >= 1
+        self._buckets[address] = (tokens - 1 if ok else tokens, now)
+        while len(self._buckets) > BUDGET_ADDRESSES:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class _RefusalLog:
+    """Logs a refused handshake, at most one line per kind of refusal per ``interval``
+    seconds; the line says how many of that kind were refused since the last one."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        self._name, self._interval = name, interval
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, refused since)
+
+    def note(self, refusal: Refusal, address: str, answer: str, now: float) -> None:
+        logged, unlogged = self._last.get(refusal.kind, (-math.inf, 0))
+        if now - logged < self._interval:
+            self._last[refusal.kind] = (logged, unlogged + 1)
+            return
+        self._last[refusal.kind] = (now, 0)
+        more = f" ({unlogged} more of this kind since the last line)" if unlogged else ""
+        log.info("%s: refused a handshake from %s: %d %s (%s, answered by %s)%s", self._name,
+                 address, refusal.status, refusal.reason, refusal.kind, answer, more)
 
 
 def _count_close(ctx: TransportContext, sock: _Socket, connection: WebSocketConnection
