@@ -60,10 +60,39 @@ async def test_a_client_over_its_rate_is_closed_1008(tmp_path: Path) -> None:
             await ws.send_message(update(f"spam {i}"))
         frames, code, reason = await closed_with(ws)
     assert (code, reason) == (1008, "rate limit exceeded")
-    # The frames over the limit never went in; echoes still queued at the close are dropped.
+    # The frames over the limit never went in; the echoes of those taken come before 1008.
     assert [m.body["message"][0]["text"] for m in history.events] == [
         "spam 0", "spam 1", "spam 2"]
-    assert {f["message"][0]["text"] for f in frames} <= {"spam 0", "spam 1", "spam 2"}
+    assert [f["message"][0]["text"] for f in frames] == ["spam 0", "spam 1", "spam 2"]
+
+
+async def test_a_burst_over_the_rate_limit_loses_no_echo(tmp_path: Path) -> None:
+    """50 frames at once against a burst of 40: the 40 taken are stored, reach another
+    socket, and their 40 echoes reach the sender, in order, before its 1008."""
+    history = MemoryHistory()
+    async with chat_bridge(tmp_path, rate_limit_per_s=0.5, rate_burst=40,
+                           extra_plugins=[history]) as b, client(b.port) as watcher, \
+            client(b.port, message_queue_size=64) as ws:
+        for i in range(50):
+            await ws.send_message(update(f"burst {i}"))
+        frames, code, reason = await closed_with(ws)
+        seen = [(await receive(watcher))["message"][0]["text"] for _ in range(40)]
+    stored = [m.body["message"][0]["text"] for m in history.events]
+    assert (code, reason) == (1008, "rate limit exceeded")
+    assert stored == seen == [f"burst {i}" for i in range(40)]
+    assert [f["message"][0]["text"] for f in frames] == stored
+    assert [f["socket_sequence"] for f in frames] == list(range(40))
+
+
+async def test_a_bad_frame_after_good_ones_still_gets_their_echoes(tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path) as b, client(b.port) as ws:
+        for i in range(3):
+            await ws.send_message(update(f"good {i}"))
+        await ws.send_message(update("bad", type="shout"))
+        frames, code, reason = await closed_with(ws)
+    assert code == 1008
+    assert reason.startswith("message.0.type")
+    assert [f["message"][0]["text"] for f in frames] == ["good 0", "good 1", "good 2"]
 
 
 async def test_a_client_within_its_rate_is_never_closed(tmp_path: Path) -> None:

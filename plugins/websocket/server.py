@@ -115,8 +115,8 @@ class _Outbound:
 class _Socket:
     """One accepted (or being accepted) client on a chat."""
 
-    __slots__ = ("_close_timeout", "_scope", "chat", "code", "flush", "framer", "id", "reason",
-                 "receive", "send")
+    __slots__ = ("_close_timeout", "_scope", "chat", "code", "flush", "framer", "id", "pending",
+                 "reason", "receive", "send")
     _ids = count(1)
 
     def __init__(self, chat: ChatRequest, framer: Framer, queue: int, close_timeout: float,
@@ -128,6 +128,7 @@ class _Socket:
         self.code: int | None = None  # set once a close is under way
         self.reason = ""
         self.flush = False  # send what is queued before the close frame
+        self.pending = 0  # frames this client sent that the pipeline has not settled yet
         self._close_timeout = close_timeout
         self._scope = scope
 
@@ -142,11 +143,15 @@ class _Socket:
         return True
 
     def close(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Close with ``code`` (the first close asked for wins), within ``close_timeout``."""
+        """Close with ``code`` (the first close asked for wins), within ``close_timeout``.
+        With ``flush``, what is queued is sent first, and so are the echoes of the frames
+        this client sent that the pipeline has not settled yet: the queue stays open for
+        them until the last one settles (:meth:`settle`)."""
         if self.code is not None:
             return
         self.code, self.reason, self.flush = code, close_reason(reason), flush
-        self.send.close()
+        if not flush or self.pending == 0:
+            self.send.close()
         self._scope.deadline = min(self._scope.deadline,
                                    trio.current_time() + self._close_timeout)
 
@@ -155,12 +160,16 @@ class _Socket:
         return self.code is not None and not self.flush
 
     def settle(self, outcome: Outcome) -> None:
-        """The pipeline's verdict on a frame this client sent."""
+        """The pipeline's verdict on a frame this client sent. It comes after the event was
+        delivered, so an accepted frame's echo is queued by now."""
+        self.pending -= 1
         if isinstance(outcome, Rejected):
             code = INVALID_DATA if isinstance(outcome.error, DecodeError) else POLICY
-            self.close(code, reason_for(outcome.error))
+            self.close(code, reason_for(outcome.error), flush=True)
         elif isinstance(outcome, Failed):  # retry: storage is down for now (a full disk)
-            self.close(TRY_AGAIN if outcome.retry else INTERNAL, outcome.reason)
+            self.close(TRY_AGAIN if outcome.retry else INTERNAL, outcome.reason, flush=True)
+        if self.pending == 0 and self.code is not None and self.flush:
+            self.send.close()  # every echo it waited for is queued
 
 
 class WebSocketTransport:
@@ -478,30 +487,32 @@ class WebSocketTransport:
             if not self._accepting:
                 continue  # draining: not taken, so never echoed; the client resends it
             if expires_at is not None and time.time() >= expires_at:
-                sock.close(EXPIRED, "token expired")
+                sock.close(EXPIRED, "token expired", flush=True)
                 return
             now = trio.current_time()
             tokens = min(burst, tokens + (now - refilled) * rate)
             refilled = now
             if tokens < 1:
-                sock.close(POLICY, "rate limit exceeded")
+                sock.close(POLICY, "rate limit exceeded", flush=True)
                 return
             tokens -= 1
             raw = data.encode() if isinstance(data, str) else data
             if len(raw) > limit:
-                sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}")
+                sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}",
+                           flush=True)
                 return
             try:
                 frame = sock.framer.decode(raw)
             except DecodeError as e:
-                sock.close(INVALID_DATA, str(e))
+                sock.close(INVALID_DATA, str(e), flush=True)
                 return
             if not isinstance(frame, dict):
-                sock.close(POLICY, "frame: must be an object with a type")
+                sock.close(POLICY, "frame: must be an object with a type", flush=True)
                 return
             if frame.get("type") == "heartbeat":
                 continue
             body = {k: v for k, v in frame.items() if k not in SERVER_FIELDS}
+            sock.pending += 1
             await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
                                      meta=meta), sock.settle)
 
@@ -694,4 +705,4 @@ async def _expire(sock: _Socket, expires_at: float) -> None:
     back). A clock set forward meanwhile is caught by the next client frame's check."""
     while (remaining := expires_at - time.time()) > 0:  # noqa: ASYNC110  (wall-clock deadline)
         await trio.sleep(remaining)
-    sock.close(EXPIRED, "token expired")
+    sock.close(EXPIRED, "token expired", flush=True)
