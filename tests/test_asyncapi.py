@@ -119,6 +119,8 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
         ("rabbit.publishChatEvent", "send")}
     assert ops["rabbit.publishChatEvent"]["bindings"]["amqp"]["cc"] == ["chat.{chat_id}"]
     assert doc["components"]["schemas"]["eventId"]["type"] == "string"
+    for schema in ("client_update", "update"):  # opt-in keys (docs/websocket.md)
+        assert "clientMsgId" in doc["components"]["schemas"][schema]["properties"]
     assert [r["name"] for r in doc["info"]["x-bridged-routes"]] == [
         "notifications-to-chat", "chat-to-amqp", "chat-fanout"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -75,6 +76,15 @@ EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
 SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequence"})
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
+#: The opt-in top-level key of a client update that names it (docs/websocket.md), what it
+#: may hold, and the ``Message.meta`` keys it travels under: the id, and the mark the history
+#: puts on a retry it recognised (the message is then the original event; plugins/history.py).
+CLIENT_MSG_ID = "clientMsgId"
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+META_CLIENT_ID, META_RETRY = "client_msg_id", "client_msg_retry"
+#: The event id a retry's echo is queued under: greater than every real id, so the writer
+#: never takes it for a live copy of an event its replay sent already.
+ALWAYS = "~"
 #: Queued frames a socket's writer sends in one system call, at most.
 WRITE_BATCH = 64
 #: Bytes a writer sends in one system call, at most (but one frame at least). A close frame
@@ -191,6 +201,8 @@ class WebSocketTransport:
         self._framers: dict[str, tuple[Any, Framer]] = {}  # encoding -> (codec, framer)
         self._refusal_budget = _AddressBudget(READABLE_REFUSALS, READABLE_REFUSALS_BURST)
         self._refusal_log = _RefusalLog(name, REFUSAL_LOG_INTERVAL)
+        #: (chat_id, clientMsgId) of updates in the pipeline: a retry waits for the first
+        self._in_flight: dict[tuple[str, str], trio.Event] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -284,11 +296,21 @@ class WebSocketTransport:
             if not sockets:
                 continue
             prepared: dict[str, _Outbound] = {}
+            client_id = message.meta.get(META_CLIENT_ID)
+            sender = message.meta.get("connection") if client_id else None
+            retry = bool(message.meta.get(META_RETRY))
             for sock in list(sockets):
-                item = prepared.get(sock.framer.name)
-                if item is None:
-                    item = _Outbound(message.id, sock.framer.prepare(message.body))
-                    prepared[sock.framer.name] = item
+                if sock.id == sender:  # the echo: the only copy that carries the client's id
+                    item = _Outbound(ALWAYS if retry else message.id, sock.framer.prepare(
+                        {**message.body, CLIENT_MSG_ID: client_id}))
+                elif retry:  # the others had the original event already
+                    continue
+                else:
+                    shared = prepared.get(sock.framer.name)
+                    if shared is None:
+                        shared = _Outbound(message.id, sock.framer.prepare(message.body))
+                        prepared[sock.framer.name] = shared
+                    item = shared
                 if not sock.offer(item):
                     self._ctx_().count("slow_client_closes_total")
                     sock.close(TRY_AGAIN, "too slow: outbound queue full;"
@@ -512,9 +534,41 @@ class WebSocketTransport:
             if frame.get("type") == "heartbeat":
                 continue
             body = {k: v for k, v in frame.items() if k not in SERVER_FIELDS}
-            sock.pending += 1
+            client_id = body.pop(CLIENT_MSG_ID, None)
+            if client_id is None:
+                sock.pending += 1
+                await ctx.submit(Message(CHAT_EVENT, body, self.name,
+                                         chat_id=sock.chat.chat_id, meta=meta), sock.settle)
+            elif isinstance(client_id, str) and CLIENT_ID.fullmatch(client_id):
+                await self._submit_named(ctx, sock, body, client_id, meta)
+            else:
+                sock.close(POLICY, f"{CLIENT_MSG_ID}: must be 1-64 characters of"
+                           " A-Z a-z 0-9 . _ : -", flush=True)
+                return
+
+    async def _submit_named(self, ctx: TransportContext, sock: _Socket, body: dict[str, Any],
+                            client_id: str, meta: Mapping[str, Any]) -> None:
+        """Submit an update that carries a client message id, after any update with the
+        same id on this chat that is still in the pipeline (from this socket or one before
+        it), so that the history knows the first one when it looks up the retry."""
+        key = (sock.chat.chat_id, client_id)
+        while (earlier := self._in_flight.get(key)) is not None:
+            await earlier.wait()
+        done = self._in_flight[key] = trio.Event()
+
+        def settle(outcome: Outcome) -> None:
+            if self._in_flight.get(key) is done:
+                del self._in_flight[key]
+            done.set()
+            sock.settle(outcome)
+
+        sock.pending += 1
+        try:
             await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
-                                     meta=meta), sock.settle)
+                                     meta={**meta, META_CLIENT_ID: client_id}), settle)
+        except BaseException:
+            settle(Failed("not submitted"))
+            raise
 
     async def _write(self, sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
                      replayed: Sequence[Message], done: trio.CancelScope) -> None:
