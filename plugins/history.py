@@ -19,7 +19,8 @@ Replay rule (``bridge_replay_messages(chat_id, since)``), see docs/history.md:
 * some event after ``since`` was pruned (``since`` < the chat's low-water mark):
   :class:`bridge.ReplayGap`;
 * otherwise every kept event with an id greater than ``since``, oldest first (an empty list
-  for an unknown chat; ``since`` need not be an id that was ever stored).
+  for an unknown chat; ``since`` need not be an id that was ever stored);
+* ``since`` = ``last:N``: the newest N events kept, oldest first (never a gap).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ log = logging.getLogger("bridge.history")
 T = TypeVar("T")
 
 EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
+#: ``since`` of the form ``last:N``: the newest N events kept (bridge/hookspecs.py)
+LAST = re.compile(r"last:([0-9]{1,6})", re.ASCII)
 DB_NAME = "history.sqlite3"
 #: Chats whose event count the store remembers; a chat it forgot is counted again (one query).
 COUNTED_CHATS = 65536
@@ -263,6 +266,13 @@ class HistoryStore:
         finally:
             cur.execute("COMMIT")
 
+    def newest(self, chat_id: str, n: int) -> list[tuple[str, str]]:
+        """The newest ``n`` kept events of ``chat_id``, oldest first."""
+        rows = self.conn.execute(
+            "SELECT event_id, body FROM events WHERE chat_id = ? ORDER BY event_id DESC"
+            " LIMIT ?", (chat_id, n)).fetchall()
+        return [(str(e), str(b)) for e, b in reversed(rows)]
+
     def find_client_id(self, chat_id: str, client_id: str) -> tuple[str, str] | None:
         """``(event_id, body_json)`` of the kept event stored for ``client_id``, if any."""
         row = self.conn.execute(
@@ -393,6 +403,12 @@ class Plugin:
 
     @hookimpl
     async def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        last = LAST.fullmatch(since)
+        if last is not None:
+            n = int(last.group(1))
+            newest = await self._run(lambda store: store.newest(chat_id, n))
+            return [Message(CHAT_EVENT, json.loads(body), "history", event_id, chat_id)
+                    for event_id, body in newest]
         if not EVENT_ID.fullmatch(since):
             raise ContractError("since: must be an eventId of 20 decimal digits (rule: pattern)",
                                 field="since", rule="pattern")

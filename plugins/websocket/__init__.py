@@ -53,6 +53,8 @@ class WebSocketSettings:
                                       doc="client frames per second per socket (refill rate)")
     rate_burst: int = setting(40, check=_positive,
                               doc="frames a socket may send at once; over the limit: 1008")
+    max_last: int = setting(100, check=_positive,
+                            doc="most events a client may ask for with last=N on connect")
 
 
 def _create(name: str, settings: Any) -> WebSocketTransport:

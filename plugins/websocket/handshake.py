@@ -18,7 +18,7 @@ CHAT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: An eventId: 20 decimal digits (bridge/contracts/chat.asyncapi.yaml).
 SINCE = re.compile(r"[0-9]{20}")
 ENCODINGS = ("json", "msgpack")
-KNOWN_KEYS = ("heartbeat", "encoding", "since", "refusals")
+KNOWN_KEYS = ("heartbeat", "encoding", "since", "refusals", "last", "marks")
 #: ``refusals=close``: refusals reach the client as a close code it can read (4000 + the HTTP
 #: status) after an accepted upgrade, since browsers hide the status of a refused handshake.
 READABLE = "close"
@@ -44,6 +44,8 @@ class ChatRequest:
     encoding: str  # one of ENCODINGS
     subprotocol: str | None  # the subprotocol to answer with, when the client offered one
     since: str | None
+    last: int | None  # last=N: open on the newest N events of the chat
+    marks: bool  # marks=true: replayed frames say so, and a replay_end frame follows them
     query: dict[str, str]  # every query parameter (plugins may read their own, e.g. a token)
 
 
@@ -69,6 +71,17 @@ def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
     since = query.get("since")
     if since is not None and not SINCE.fullmatch(since):
         raise Refusal(400, "since: must be an eventId (20 decimal digits)", "since")
+    last_text = query.get("last")
+    last = None
+    if last_text is not None:
+        if not last_text.isascii() or not last_text.isdigit() or len(last_text) > 6:
+            raise Refusal(400, "last: must be a number of events (0 or more)")
+        if since is not None:
+            raise Refusal(400, "last: give since or last, not both")
+        last = int(last_text)
+    marks = query.get("marks", "false").lower()
+    if marks not in ("true", "false"):
+        raise Refusal(400, f"marks: must be true or false, not {marks[:20]!r}")
     refusals = query.get("refusals", "http")
     if refusals not in ("http", READABLE):
         raise Refusal(400, f"refusals: must be http or close, not {refusals[:20]!r}")
@@ -83,7 +96,7 @@ def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
         raise Refusal(400, f"encoding: {encoding} conflicts with the subprotocol {offered[0]}")
     subprotocol = encoding if encoding in offered else None
     return ChatRequest(parts.path, chat_id, heartbeat == "true", encoding, subprotocol, since,
-                       query)
+                       last, marks == "true", query)
 
 
 def wants_readable_refusals(target: str) -> bool:

@@ -82,6 +82,10 @@ FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": Ms
 CLIENT_MSG_ID = "clientMsgId"
 CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 META_CLIENT_ID, META_RETRY = "client_msg_id", "client_msg_retry"
+#: With ``marks=true``: the key on replayed updates, and the frame between replay and live.
+REPLAYED, REPLAY_END = "replayed", "replay_end"
+#: The smallest event id: a replay after it answers a gap if the chat was ever pruned.
+FIRST_EVENT_ID = "0" * 20
 #: The event id a retry's echo is queued under: greater than every real id, so the writer
 #: never takes it for a live copy of an event its replay sent already.
 ALWAYS = "~"
@@ -382,7 +386,7 @@ class WebSocketTransport:
                                self.settings.outbound_queue, self.settings.close_timeout_s,
                                scope)
                 self._register(sock)  # before the replay is read: nothing falls in between
-                replayed = await self._replay(ctx, chat)
+                replayed, complete = await self._replay(ctx, chat)
                 if not self._accepting:
                     raise Refusal(503, "the server is shutting down; try again later",
                                   "shutting_down")
@@ -395,7 +399,7 @@ class WebSocketTransport:
                 scope.deadline = math.inf  # the handshake is done
             expires_at = _expires_at(identity)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, sock, connection, stream, replayed,
+                nursery.start_soon(self._write, sock, connection, stream, replayed, complete,
                                    nursery.cancel_scope)
                 if expires_at is not None:
                     nursery.start_soon(_expire, sock, expires_at)
@@ -431,11 +435,33 @@ class WebSocketTransport:
             log.exception("%s: authentication hook failed", self.name)
             raise Refusal(500, "authentication failed: internal error", "internal") from None
 
-    async def _replay(self, ctx: TransportContext, chat: ChatRequest) -> Sequence[Message]:
+    async def _replay(self, ctx: TransportContext, chat: ChatRequest
+                      ) -> tuple[Sequence[Message], bool]:
+        """What to send before live events, and whether it is all that was asked for (False:
+        ``last=N`` got fewer than N because the chat's older events are no longer kept)."""
+        if chat.last is not None:
+            if chat.last > self.settings.max_last:
+                raise Refusal(400, f"last: at most {self.settings.max_last} events")
+            if chat.last == 0:
+                return (), True
+            events = await self._replay_from(ctx, chat, f"last:{chat.last}")
+            if len(events) == chat.last:
+                return events, True
+            try:  # fewer: were older ones pruned, or does the chat hold no more?
+                await ctx.replay(chat.chat_id, FIRST_EVENT_ID)
+            except ReplayGap:
+                return events, False
+            except Exception:
+                return events, True  # a history that cannot tell: the replay is all it has
+            return events, True
         if chat.since is None:
-            return ()
+            return (), True
+        return await self._replay_from(ctx, chat, chat.since), True
+
+    async def _replay_from(self, ctx: TransportContext, chat: ChatRequest, since: str
+                           ) -> Sequence[Message]:
         try:
-            return await ctx.replay(chat.chat_id, chat.since)
+            return await ctx.replay(chat.chat_id, since)
         except ReplayGap as e:
             raise Refusal(410, f"since: {e}; reconnect without since for live events",
                           "since_gone") from None
@@ -571,7 +597,8 @@ class WebSocketTransport:
             raise
 
     async def _write(self, sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
-                     replayed: Sequence[Message], done: trio.CancelScope) -> None:
+                     replayed: Sequence[Message], complete: bool, done: trio.CancelScope
+                     ) -> None:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
         the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
         together go out in one system call, up to :data:`WRITE_BATCH` frames and
@@ -580,10 +607,17 @@ class WebSocketTransport:
         sequence = 0
         last = ""  # the last replayed event: live copies up to it were sent already
         try:
+            marks = sock.chat.marks
             for i in range(0, len(replayed), WRITE_BATCH):
-                page = [(m.id, framer.prepare(m.body)) for m in replayed[i:i + WRITE_BATCH]]
+                page = [(m.id, framer.prepare({**m.body, REPLAYED: True} if marks else m.body))
+                        for m in replayed[i:i + WRITE_BATCH]]
                 sequence, last = await _send(sock, connection, stream, page, sequence, last,
                                              replay=True)
+            if marks and not sock.stopping():
+                await connection.send_message(framer.frame(framer.prepare({
+                    "type": REPLAY_END, "replayed": len(replayed), "complete": complete,
+                    "lastEventId": last or None}), sequence))
+                sequence += 1
             interval = self.settings.heartbeat_interval_s
             beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
             while not sock.stopping():
