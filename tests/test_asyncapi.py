@@ -110,7 +110,7 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
     assert chat["address"] == "/v1/chats/{chat_id}"
     assert set(chat["bindings"]["ws"]["query"]["properties"]) == {"heartbeat", "since",
                                                                   "encoding", "refusals",
-                                                                  "last", "marks"}
+                                                                  "last", "marks", "hello"}
     assert {c["address"] for c in doc["channels"].values()} == {
         "/v1/chats/{chat_id}", "notifications", "notifications.dead", "chat"}
     ops = doc["operations"]
@@ -123,7 +123,8 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
     for schema in ("client_update", "update"):  # opt-in keys (docs/websocket.md)
         assert "clientMsgId" in doc["components"]["schemas"][schema]["properties"]
     assert "replayed" in doc["components"]["schemas"]["update"]["properties"]
-    assert doc["components"]["schemas"]["replay_end"]["required"][0] == "type"
+    for frame in ("replay_end", "hello"):
+        assert doc["components"]["schemas"][frame]["required"][0] == "type"
     assert [r["name"] for r in doc["info"]["x-bridged-routes"]] == [
         "notifications-to-chat", "chat-to-amqp", "chat-fanout"]
 

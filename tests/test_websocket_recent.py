@@ -76,3 +76,17 @@ async def test_bad_last_is_refused(tmp_path: Path) -> None:
                             ("marks=maybe", "marks:")):
             status, body = await raw_handshake(b.port, f"/v1/chats/room?{query}")
             assert (status, says in body) == (400, True), (query, body)
+
+
+async def test_hello_tells_the_heartbeat_interval_and_the_limits(tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path, heartbeat_interval_s=0.2, rate_limit_per_s=4.0,
+                           rate_burst=8) as b:
+        async with client(b.port, query="hello=true&heartbeat=true&marks=true") as ws:
+            hello, end, beat = await frame(ws), await frame(ws), await frame(ws)
+        assert hello == {"type": "hello", "socket_sequence": 0, "heartbeatInterval": 0.2,
+                         "rateLimit": {"perSecond": 4.0, "burst": 8},
+                         "maxMessageBytes": 65536, "maxLast": 100}
+        assert (end["type"], end["socket_sequence"]) == ("replay_end", 1)
+        assert beat == {"type": "heartbeat", "socket_sequence": 2}
+        async with client(b.port, query="hello=true") as ws:
+            assert (await frame(ws))["heartbeatInterval"] is None  # none asked for

@@ -18,7 +18,7 @@ CHAT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: An eventId: 20 decimal digits (bridge/contracts/chat.asyncapi.yaml).
 SINCE = re.compile(r"[0-9]{20}")
 ENCODINGS = ("json", "msgpack")
-KNOWN_KEYS = ("heartbeat", "encoding", "since", "refusals", "last", "marks")
+KNOWN_KEYS = ("heartbeat", "encoding", "since", "refusals", "last", "marks", "hello")
 #: ``refusals=close``: refusals reach the client as a close code it can read (4000 + the HTTP
 #: status) after an accepted upgrade, since browsers hide the status of a refused handshake.
 READABLE = "close"
@@ -46,6 +46,7 @@ class ChatRequest:
     since: str | None
     last: int | None  # last=N: open on the newest N events of the chat
     marks: bool  # marks=true: replayed frames say so, and a replay_end frame follows them
+    hello: bool  # hello=true: the first frame tells the socket's heartbeat and limits
     query: dict[str, str]  # every query parameter (plugins may read their own, e.g. a token)
 
 
@@ -82,6 +83,9 @@ def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
     marks = query.get("marks", "false").lower()
     if marks not in ("true", "false"):
         raise Refusal(400, f"marks: must be true or false, not {marks[:20]!r}")
+    hello = query.get("hello", "false").lower()
+    if hello not in ("true", "false"):
+        raise Refusal(400, f"hello: must be true or false, not {hello[:20]!r}")
     refusals = query.get("refusals", "http")
     if refusals not in ("http", READABLE):
         raise Refusal(400, f"refusals: must be http or close, not {refusals[:20]!r}")
@@ -96,7 +100,7 @@ def parse_request(target: str, subprotocols: Sequence[str] = ()) -> ChatRequest:
         raise Refusal(400, f"encoding: {encoding} conflicts with the subprotocol {offered[0]}")
     subprotocol = encoding if encoding in offered else None
     return ChatRequest(parts.path, chat_id, heartbeat == "true", encoding, subprotocol, since,
-                       last, marks == "true", query)
+                       last, marks == "true", hello == "true", query)
 
 
 def wants_readable_refusals(target: str) -> bool:

@@ -84,6 +84,8 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 META_CLIENT_ID, META_RETRY = "client_msg_id", "client_msg_retry"
 #: With ``marks=true``: the key on replayed updates, and the frame between replay and live.
 REPLAYED, REPLAY_END = "replayed", "replay_end"
+#: With ``hello=true``: the first frame on the socket.
+HELLO = "hello"
 #: The smallest event id: a replay after it answers a gap if the chat was ever pruned.
 FIRST_EVENT_ID = "0" * 20
 #: The event id a retry's echo is queued under: greater than every real id, so the writer
@@ -596,6 +598,14 @@ class WebSocketTransport:
             settle(Failed("not submitted"))
             raise
 
+    def _hello(self, sock: _Socket) -> dict[str, Any]:
+        """The ``hello`` frame (``hello=true``): what a client needs to pace itself."""
+        s = self.settings
+        return {"type": HELLO,
+                "heartbeatInterval": s.heartbeat_interval_s if sock.chat.heartbeat else None,
+                "rateLimit": {"perSecond": s.rate_limit_per_s, "burst": s.rate_burst},
+                "maxMessageBytes": s.max_message_bytes, "maxLast": s.max_last}
+
     async def _write(self, sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
                      replayed: Sequence[Message], complete: bool, done: trio.CancelScope
                      ) -> None:
@@ -608,6 +618,10 @@ class WebSocketTransport:
         last = ""  # the last replayed event: live copies up to it were sent already
         try:
             marks = sock.chat.marks
+            if sock.chat.hello:
+                await connection.send_message(framer.frame(framer.prepare(self._hello(sock)),
+                                                           sequence))
+                sequence += 1
             for i in range(0, len(replayed), WRITE_BATCH):
                 page = [(m.id, framer.prepare({**m.body, REPLAYED: True} if marks else m.body))
                         for m in replayed[i:i + WRITE_BATCH]]
