@@ -55,6 +55,9 @@ class WebSocketSettings:
                               doc="frames a socket may send at once; over the limit: 1008")
     max_last: int = setting(100, check=_positive,
                             doc="most events a client may ask for with last=N on connect")
+    permessage_deflate: bool = setting(
+        False, doc="accept permessage-deflate when a client offers it (CPU and memory per"
+                   " socket: docs/websocket.md)")
 
 
 def _create(name: str, settings: Any) -> WebSocketTransport:

@@ -36,7 +36,8 @@ from trio_websocket import (
     wrap_server_stream,
 )
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import AcceptConnection, CloseConnection
+from wsproto.extensions import PerMessageDeflate
 
 from bridge import (
     CHAT_EVENT,
@@ -395,7 +396,10 @@ class WebSocketTransport:
             except Refusal as e:
                 await self._refuse(request, e, address, scope)
                 return
-            connection = await request.accept(subprotocol=chat.subprotocol)
+            connection = await _accept(request, chat.subprotocol, s.permessage_deflate)
+            if s.permessage_deflate:
+                ctx.count("sockets_opened_total",
+                          deflate=str(bool(_extensions(connection))).lower())
             stream.farewell = partial(_unsent_close, connection)
             if sock.code is None:
                 scope.deadline = math.inf  # the handshake is done
@@ -722,6 +726,33 @@ class _RefusalLog:
         more = f" ({unlogged} more of this kind since the last line)" if unlogged else ""
         log.info("%s: refused a handshake from %s: %d %s (%s, answered by %s)%s", self._name,
                  address, refusal.status, refusal.reason, refusal.kind, answer, more)
+
+
+async def _accept(request: WebSocketRequest, subprotocol: str | None, deflate: bool
+                  ) -> WebSocketConnection:
+    """Accept the upgrade; with ``deflate``, accept permessage-deflate too when the client
+    offered it. trio-websocket 0.12 gives ``accept`` no way to pass wsproto extensions, so
+    this sends wsproto's ``AcceptConnection`` itself, as ``WebSocketConnection._accept``
+    does (tests/test_websocket_deflate.py fails if that changes)."""
+    event: Any = request._event  # wsproto's Request: the offered extensions
+    offered = any(str(e).lower().startswith("permessage-deflate") for e in event.extensions)
+    if not (deflate and offered):
+        return await request.accept(subprotocol=subprotocol)
+    connection: Any = request._connection
+    connection._subprotocol = subprotocol
+    connection._path = event.target
+    await connection._send(AcceptConnection(subprotocol=subprotocol,
+                                            extensions=[PerMessageDeflate()]))
+    connection._open_handshake.set()
+    accepted: WebSocketConnection = connection
+    return accepted
+
+
+def _extensions(connection: WebSocketConnection) -> list[Any]:
+    """The extensions in effect on ``connection`` (wsproto's)."""
+    handshake = getattr(getattr(connection, "_wsproto", None), "handshake", None)
+    frames = getattr(getattr(handshake, "connection", None), "_proto", None)
+    return list(getattr(frames, "extensions", None) or [])
 
 
 def _count_close(ctx: TransportContext, sock: _Socket, connection: WebSocketConnection
