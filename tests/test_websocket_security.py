@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ from ws_support import (
     chat_bridge,
     client,
     closed_with,
+    eventually,
     raw_handshake,
     raw_handshake_full,
     receive,
     update,
 )
 
-from bridge import AuthError, Identity, hookimpl
+from bridge import AuthError, Identity, Message, hookimpl
 
 
 async def test_origin_is_checked_when_origins_are_configured(tmp_path: Path) -> None:
@@ -130,6 +131,36 @@ async def test_a_socket_is_closed_4001_when_its_credentials_expire(tmp_path: Pat
     assert frame["message"][0]["sender"] == "bob"  # the identity's subject
     assert (frames, code, reason) == ([], 4001, "token expired")
     assert waited < 1.3  # at the expiry (0.3 s after the handshake), within a second
+
+
+class HeldStore:
+    """A persistence plugin that holds every write until ``release`` is set: an update is
+    in the pipeline, not yet echoed, for as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.writing = trio.Event()
+        self.release = trio.Event()
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.writing.set()
+        await self.release.wait()
+
+
+async def test_an_update_in_the_pipeline_at_expiry_is_echoed_before_4001(
+        tmp_path: Path) -> None:
+    store = HeldStore()
+    async with chat_bridge(tmp_path, extra_plugins=[ShortTokens(0.5), store]) as b, \
+            client(b.port, headers=[(b"Authorization", b"Bearer t")]) as ws:
+        await ws.send_message(update("just in time"))
+        await store.writing.wait()
+        transport: Any = b.daemon.transports["chat"]  # the socket's close is under way:
+        await eventually(lambda: any(s.code == 4001 for c in transport._chats.values()
+                                     for s in c))
+        store.release.set()
+        frames, code, reason = await closed_with(ws)
+    assert (code, reason) == (4001, "token expired")
+    assert [f["message"][0]["text"] for f in frames] == ["just in time"]
 
 
 async def test_a_refused_401_says_how_to_authenticate(tmp_path: Path) -> None:
