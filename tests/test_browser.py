@@ -192,6 +192,8 @@ async def test_the_example_page_in_chromium(tmp_path: Path) -> None:
                 return (await Promise.all(sent)).length; }""")
             assert paced == 15
             assert (await alice.eval("() => (window.closes ?? []).length")) == 0
+            texts = await alice.eval("() => window.chatLog.flatMap(e => e.texts)")
+            assert (texts.count("once"), texts.count("once, resent")) == (1, 0)
 
             # a raw burst over the limit loses no echo: what is stored was echoed before 1008
             burst = await packed.eval(f"""() => new Promise((resolve) => {{
@@ -204,9 +206,12 @@ async def test_the_example_page_in_chromium(tmp_path: Path) -> None:
                 ws.onclose = (e) => resolve({{code: e.code, reason: e.reason, echoes}}); }})""")
             assert (burst["code"], burst["reason"]) == (1008, "rate limit exceeded")
             assert 10 <= len(burst["echoes"]) < 20
-            await trio.sleep(0.5)  # the watcher's copies of the stored ones, if any more came
-            seen = await alice.eval("() => window.chatLog.flatMap(e => e.texts)"
-                                    ".filter(t => t.startsWith('burst '))")
+            # alice's copies go out in the same delivery as the echoes: once she has the last
+            # echoed one she has all that were stored, and none was stored without an echo
+            seen = await alice.wait(f"""() => {{
+                const texts = window.chatLog.flatMap(e => e.texts);
+                return texts.includes('{burst["echoes"][-1]}')
+                    && texts.filter(t => t.startsWith('burst ')); }}""")
             assert seen == burst["echoes"]
 
             # the first screen: the last 3 events, marked, then live
