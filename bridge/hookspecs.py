@@ -105,7 +105,10 @@ def bridge_persist_messages(messages: Sequence[Message]) -> None:
 def bridge_replay_messages(chat_id: str, since: str) -> Sequence[Message] | None:
     """Stored chat events of ``chat_id`` after event id ``since``, oldest first, or None if
     this plugin keeps no history. The first implementation to return a list wins. Raise
-    :class:`bridge.ReplayGap` when ``since`` is older than what is kept."""
+    :class:`bridge.ReplayGap` when ``since`` is older than what is kept. ``since`` may also
+    be ``last:N`` (N: 0 to 999999): the newest N events kept, oldest first, never a gap (a
+    WebSocket client's ``last=N``); a plugin that does not know that form raises
+    :class:`bridge.ContractError`."""
 
 
 @hookspec

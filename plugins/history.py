@@ -19,7 +19,8 @@ Replay rule (``bridge_replay_messages(chat_id, since)``), see docs/history.md:
 * some event after ``since`` was pruned (``since`` < the chat's low-water mark):
   :class:`bridge.ReplayGap`;
 * otherwise every kept event with an id greater than ``since``, oldest first (an empty list
-  for an unknown chat; ``since`` need not be an id that was ever stored).
+  for an unknown chat; ``since`` need not be an id that was ever stored);
+* ``since`` = ``last:N``: the newest N events kept, oldest first (never a gap).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ log = logging.getLogger("bridge.history")
 T = TypeVar("T")
 
 EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
+#: ``since`` of the form ``last:N``: the newest N events kept (bridge/hookspecs.py)
+LAST = re.compile(r"last:([0-9]{1,6})", re.ASCII)
 DB_NAME = "history.sqlite3"
 #: Chats whose event count the store remembers; a chat it forgot is counted again (one query).
 COUNTED_CHATS = 65536
@@ -75,7 +78,18 @@ CREATE TABLE IF NOT EXISTS chats (
     chat_id        TEXT PRIMARY KEY,
     pruned_through TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS client_ids (
+    chat_id   TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    PRIMARY KEY (chat_id, client_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS client_ids_event ON client_ids (chat_id, event_id);
 """
+#: ``Message.meta`` keys of a client message id (set by the websocket transport): the id,
+#: and, on a retry the history recognised, the mark that the message is the original event.
+CLIENT_MSG_ID = "client_msg_id"
+RETRY_OF = "client_msg_retry"
 
 
 @dataclass(frozen=True)
@@ -133,10 +147,13 @@ class HistoryStore:
     def close(self) -> None:
         self.conn.close()
 
-    def store(self, rows: Sequence[tuple[str, str, str]], now: float, keep: int) -> None:
+    def store(self, rows: Sequence[tuple[str, str, str]], now: float, keep: int,
+              client_ids: Sequence[tuple[str, str, str]] = ()) -> None:
         """Insert ``(chat_id, event_id, body_json)`` rows in one transaction, and prune each
         touched chat down to its newest ``keep`` events in the same transaction. Ids that are
-        already stored are left as they are.
+        already stored are left as they are. ``client_ids`` are ``(chat_id, client_id,
+        event_id)`` rows stored in the same transaction (the first event of a client id
+        wins).
 
         When no chat needs pruning and the rows fit one statement, that statement is the
         whole transaction (autocommit): one step, so one hand-over of the GIL, where BEGIN,
@@ -144,7 +161,7 @@ class HistoryStore:
         most = min(INSERT_ROWS, self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
         per_insert = 1 << (max(most, 1).bit_length() - 1)  # a power of two (_statement)
         per_chat = Counter(c for c, _, _ in rows)
-        if len(rows) <= per_insert and all(
+        if not client_ids and len(rows) <= per_insert and all(
                 self._counts.get(c, keep) + n <= keep for c, n in per_chat.items()):
             inserted = self.conn.execute(
                 *_statement([v for c, e, b in rows for v in (c, e, b, now)])).rowcount
@@ -168,6 +185,8 @@ class HistoryStore:
                 known = self._counts.get(chat_id)
                 count = self._count(cur, chat_id) if known is None else known + inserted
                 counts[chat_id] = self._prune_to(cur, chat_id, count, keep)
+            cur.executemany("INSERT OR IGNORE INTO client_ids (chat_id, client_id, event_id)"
+                            " VALUES (?, ?, ?)", client_ids)
         for chat_id, count in counts.items():  # committed: remember
             self._counts[chat_id] = count
             self._counts.move_to_end(chat_id)
@@ -175,14 +194,14 @@ class HistoryStore:
             self._counts.popitem(last=False)
 
     def store_or_refuse(self, rows: Sequence[tuple[str, str, str]], now: float,
-                        keep: int) -> None:
+                        keep: int, client_ids: Sequence[tuple[str, str, str]] = ()) -> None:
         """:meth:`store`, with a write the disk refuses (full, I/O error, locked) raised as
         :class:`bridge.StorageUnavailable`: the pipeline then holds the messages with their
         sources and tries again, instead of failing them for good. After such a failure the
         WAL is checkpointed and truncated where the disk lets us, so the space it held comes
         back as soon as there is room for the checkpoint."""
         try:
-            self.store(rows, now, keep)
+            self.store(rows, now, keep, client_ids)
         except sqlite3.OperationalError as e:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -221,6 +240,8 @@ class HistoryStore:
     def _prune_through(cur: sqlite3.Cursor, chat_id: str, event_id: str) -> int:
         deleted = cur.execute("DELETE FROM events WHERE chat_id = ? AND event_id <= ?",
                               (chat_id, event_id)).rowcount
+        cur.execute("DELETE FROM client_ids WHERE chat_id = ? AND event_id <= ?",
+                    (chat_id, event_id))
         cur.execute(
             "INSERT INTO chats (chat_id, pruned_through) VALUES (?, ?) ON CONFLICT (chat_id)"
             " DO UPDATE SET pruned_through = MAX(pruned_through, excluded.pruned_through)",
@@ -241,6 +262,21 @@ class HistoryStore:
                 " ORDER BY event_id", (chat_id, since)).fetchall()
         finally:
             cur.execute("COMMIT")
+
+    def newest(self, chat_id: str, n: int) -> list[tuple[str, str]]:
+        """The newest ``n`` kept events of ``chat_id``, oldest first."""
+        rows = self.conn.execute(
+            "SELECT event_id, body FROM events WHERE chat_id = ? ORDER BY event_id DESC"
+            " LIMIT ?", (chat_id, n)).fetchall()
+        return [(str(e), str(b)) for e, b in reversed(rows)]
+
+    def find_client_id(self, chat_id: str, client_id: str) -> tuple[str, str] | None:
+        """``(event_id, body_json)`` of the kept event stored for ``client_id``, if any."""
+        row = self.conn.execute(
+            "SELECT e.event_id, e.body FROM client_ids c JOIN events e"
+            " ON e.chat_id = c.chat_id AND e.event_id = c.event_id"
+            " WHERE c.chat_id = ? AND c.client_id = ?", (chat_id, client_id)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -337,13 +373,39 @@ class Plugin:
 
     @hookimpl
     async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
-        rows = [_event_row(m) for m in messages if m.kind == CHAT_EVENT]
+        events = [m for m in messages if m.kind == CHAT_EVENT and not m.meta.get(RETRY_OF)]
+        rows = [_event_row(m) for m in events]
+        client_ids = [(r[0], str(m.meta[CLIENT_MSG_ID]), r[1])
+                      for m, r in zip(events, rows, strict=True) if m.meta.get(CLIENT_MSG_ID)]
         if rows:
             now, keep = self.clock(), self.settings.retention_count
-            await self._run(lambda store: store.store_or_refuse(rows, now, keep))
+            await self._run(lambda store: store.store_or_refuse(rows, now, keep, client_ids))
+
+    @hookimpl(trylast=True)
+    async def bridge_enrich_message(self, message: Message) -> Message | None:
+        """A chat event whose client message id (``meta["client_msg_id"]``) is stored
+        already becomes that original event again, marked ``meta["client_msg_retry"]``: it
+        is not stored again, and the websocket transport echoes it to its sender only. Runs
+        after the other enrichers (``trylast``), so it replaces the id they gave."""
+        client_id = message.meta.get(CLIENT_MSG_ID)
+        if message.kind != CHAT_EVENT or not client_id or not message.chat_id:
+            return None
+        chat_id = message.chat_id
+        found = await self._run(lambda store: store.find_client_id(chat_id, str(client_id)))
+        if found is None:
+            return None
+        event_id, body = found
+        return message.evolve(id=event_id, body=json.loads(body),
+                              meta={**message.meta, RETRY_OF: True})
 
     @hookimpl
     async def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        last = LAST.fullmatch(since)
+        if last is not None:
+            n = int(last.group(1))
+            newest = await self._run(lambda store: store.newest(chat_id, n))
+            return [Message(CHAT_EVENT, json.loads(body), "history", event_id, chat_id)
+                    for event_id, body in newest]
         if not EVENT_ID.fullmatch(since):
             raise ContractError("since: must be an eventId of 20 decimal digits (rule: pattern)",
                                 field="since", rule="pattern")

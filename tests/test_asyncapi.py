@@ -112,7 +112,8 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
     chat = doc["channels"]["chat.chat"]
     assert chat["address"] == "/v1/chats/{chat_id}"
     assert set(chat["bindings"]["ws"]["query"]["properties"]) == {"heartbeat", "since",
-                                                                  "encoding"}
+                                                                  "encoding", "refusals",
+                                                                  "last", "marks", "hello"}
     assert {c["address"] for c in doc["channels"].values()} == {
         "/v1/chats/{chat_id}", "notifications", "notifications.dead", "chat"}
     ops = doc["operations"]
@@ -122,6 +123,11 @@ def test_export_validates_with_the_reference_parser(tmp_path: Path) -> None:
         ("rabbit.publishChatEvent", "send")}
     assert ops["rabbit.publishChatEvent"]["bindings"]["amqp"]["cc"] == ["chat.{chat_id}"]
     assert doc["components"]["schemas"]["eventId"]["type"] == "string"
+    for schema in ("client_update", "update"):  # opt-in keys (docs/websocket.md)
+        assert "clientMsgId" in doc["components"]["schemas"][schema]["properties"]
+    assert "replayed" in doc["components"]["schemas"]["update"]["properties"]
+    for frame in ("replay_end", "hello"):
+        assert doc["components"]["schemas"][frame]["required"][0] == "type"
     assert [r["name"] for r in doc["info"]["x-bridged-routes"]] == [
         "notifications-to-chat", "chat-to-amqp", "chat-fanout"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ from ws_support import (
     chat_bridge,
     client,
     closed_with,
+    eventually,
     raw_handshake,
     raw_handshake_full,
     receive,
     update,
 )
 
-from bridge import AuthError, Identity, hookimpl
+from bridge import AuthError, Identity, Message, hookimpl
 
 
 async def test_origin_is_checked_when_origins_are_configured(tmp_path: Path) -> None:
@@ -60,10 +61,39 @@ async def test_a_client_over_its_rate_is_closed_1008(tmp_path: Path) -> None:
             await ws.send_message(update(f"spam {i}"))
         frames, code, reason = await closed_with(ws)
     assert (code, reason) == (1008, "rate limit exceeded")
-    # The frames over the limit never went in; echoes still queued at the close are dropped.
+    # The frames over the limit never went in; the echoes of those taken come before 1008.
     assert [m.body["message"][0]["text"] for m in history.events] == [
         "spam 0", "spam 1", "spam 2"]
-    assert {f["message"][0]["text"] for f in frames} <= {"spam 0", "spam 1", "spam 2"}
+    assert [f["message"][0]["text"] for f in frames] == ["spam 0", "spam 1", "spam 2"]
+
+
+async def test_a_burst_over_the_rate_limit_loses_no_echo(tmp_path: Path) -> None:
+    """50 frames at once against a burst of 40: the 40 taken are stored, reach another
+    socket, and their 40 echoes reach the sender, in order, before its 1008."""
+    history = MemoryHistory()
+    async with chat_bridge(tmp_path, rate_limit_per_s=0.5, rate_burst=40,
+                           extra_plugins=[history]) as b, client(b.port) as watcher, \
+            client(b.port, message_queue_size=64) as ws:
+        for i in range(50):
+            await ws.send_message(update(f"burst {i}"))
+        frames, code, reason = await closed_with(ws)
+        seen = [(await receive(watcher))["message"][0]["text"] for _ in range(40)]
+    stored = [m.body["message"][0]["text"] for m in history.events]
+    assert (code, reason) == (1008, "rate limit exceeded")
+    assert stored == seen == [f"burst {i}" for i in range(40)]
+    assert [f["message"][0]["text"] for f in frames] == stored
+    assert [f["socket_sequence"] for f in frames] == list(range(40))
+
+
+async def test_a_bad_frame_after_good_ones_still_gets_their_echoes(tmp_path: Path) -> None:
+    async with chat_bridge(tmp_path) as b, client(b.port) as ws:
+        for i in range(3):
+            await ws.send_message(update(f"good {i}"))
+        await ws.send_message(update("bad", type="shout"))
+        frames, code, reason = await closed_with(ws)
+    assert code == 1008
+    assert reason.startswith("message.0.type")
+    assert [f["message"][0]["text"] for f in frames] == ["good 0", "good 1", "good 2"]
 
 
 async def test_a_client_within_its_rate_is_never_closed(tmp_path: Path) -> None:
@@ -101,6 +131,36 @@ async def test_a_socket_is_closed_4001_when_its_credentials_expire(tmp_path: Pat
     assert frame["message"][0]["sender"] == "bob"  # the identity's subject
     assert (frames, code, reason) == ([], 4001, "token expired")
     assert waited < 1.3  # at the expiry (0.3 s after the handshake), within a second
+
+
+class HeldStore:
+    """A persistence plugin that holds every write until ``release`` is set: an update is
+    in the pipeline, not yet echoed, for as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.writing = trio.Event()
+        self.release = trio.Event()
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message]) -> None:
+        self.writing.set()
+        await self.release.wait()
+
+
+async def test_an_update_in_the_pipeline_at_expiry_is_echoed_before_4001(
+        tmp_path: Path) -> None:
+    store = HeldStore()
+    async with chat_bridge(tmp_path, extra_plugins=[ShortTokens(0.5), store]) as b, \
+            client(b.port, headers=[(b"Authorization", b"Bearer t")]) as ws:
+        await ws.send_message(update("just in time"))
+        await store.writing.wait()
+        transport: Any = b.daemon.transports["chat"]  # the socket's close is under way:
+        await eventually(lambda: any(s.code == 4001 for c in transport._chats.values()
+                                     for s in c))
+        store.release.set()
+        frames, code, reason = await closed_with(ws)
+    assert (code, reason) == (4001, "token expired")
+    assert [f["message"][0]["text"] for f in frames] == ["just in time"]
 
 
 async def test_a_refused_401_says_how_to_authenticate(tmp_path: Path) -> None:

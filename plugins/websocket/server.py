@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +36,8 @@ from trio_websocket import (
     wrap_server_stream,
 )
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import AcceptConnection, CloseConnection
+from wsproto.extensions import PerMessageDeflate
 
 from bridge import (
     CHAT_EVENT,
@@ -53,7 +56,13 @@ from bridge import (
 )
 
 from .framing import Framer, JsonFramer, MsgpackFramer
-from .handshake import ChatRequest, Refusal, parse_request
+from .handshake import (
+    REFUSAL_CODE_BASE,
+    ChatRequest,
+    Refusal,
+    parse_request,
+    wants_readable_refusals,
+)
 from .stream import HeldStream
 
 if TYPE_CHECKING:
@@ -69,6 +78,21 @@ EXPIRED = 4001
 #: Fields only the server assigns; dropped from client frames before they enter the bridge.
 SERVER_FIELDS = frozenset({"eventId", "timestamp", "timestampms", "socket_sequence"})
 FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": MsgpackFramer}
+#: The opt-in top-level key of a client update that names it (docs/websocket.md), what it
+#: may hold, and the ``Message.meta`` keys it travels under: the id, and the mark the history
+#: puts on a retry it recognised (the message is then the original event; plugins/history.py).
+CLIENT_MSG_ID = "clientMsgId"
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+META_CLIENT_ID, META_RETRY = "client_msg_id", "client_msg_retry"
+#: With ``marks=true``: the key on replayed updates, and the frame between replay and live.
+REPLAYED, REPLAY_END = "replayed", "replay_end"
+#: With ``hello=true``: the first frame on the socket.
+HELLO = "hello"
+#: The smallest event id: a replay after it answers a gap if the chat was ever pruned.
+FIRST_EVENT_ID = "0" * 20
+#: The event id a retry's echo is queued under: greater than every real id, so the writer
+#: never takes it for a live copy of an event its replay sent already.
+ALWAYS = "~"
 #: Queued frames a socket's writer sends in one system call, at most.
 WRITE_BATCH = 64
 #: Bytes a writer sends in one system call, at most (but one frame at least). A close frame
@@ -76,6 +100,13 @@ WRITE_BATCH = 64
 #: before its 1013 frame, beside what the kernel holds (docs/websocket.md).
 WRITE_BATCH_BYTES = 16 * 1024
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+#: Refusals one IP address gets as close codes (``refusals=close``) per second, and at once;
+#: beyond that it gets the HTTP status, which costs less than an upgrade and a close.
+READABLE_REFUSALS, READABLE_REFUSALS_BURST = 2.0, 20
+#: Addresses whose readable-refusal budget is remembered (least recently refused forgotten).
+BUDGET_ADDRESSES = 4096
+#: Seconds between two log lines about refusals of one kind (the others are counted).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def close_reason(text: str) -> str:
@@ -102,8 +133,8 @@ class _Outbound:
 class _Socket:
     """One accepted (or being accepted) client on a chat."""
 
-    __slots__ = ("_close_timeout", "_scope", "chat", "code", "flush", "framer", "id", "reason",
-                 "receive", "send")
+    __slots__ = ("_close_timeout", "_scope", "chat", "code", "flush", "framer", "id", "pending",
+                 "reason", "receive", "send")
     _ids = count(1)
 
     def __init__(self, chat: ChatRequest, framer: Framer, queue: int, close_timeout: float,
@@ -115,6 +146,7 @@ class _Socket:
         self.code: int | None = None  # set once a close is under way
         self.reason = ""
         self.flush = False  # send what is queued before the close frame
+        self.pending = 0  # frames this client sent that the pipeline has not settled yet
         self._close_timeout = close_timeout
         self._scope = scope
 
@@ -129,11 +161,15 @@ class _Socket:
         return True
 
     def close(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Close with ``code`` (the first close asked for wins), within ``close_timeout``."""
+        """Close with ``code`` (the first close asked for wins), within ``close_timeout``.
+        With ``flush``, what is queued is sent first, and so are the echoes of the frames
+        this client sent that the pipeline has not settled yet: the queue stays open for
+        them until the last one settles (:meth:`settle`)."""
         if self.code is not None:
             return
         self.code, self.reason, self.flush = code, close_reason(reason), flush
-        self.send.close()
+        if not flush or self.pending == 0:
+            self.send.close()
         self._scope.deadline = min(self._scope.deadline,
                                    trio.current_time() + self._close_timeout)
 
@@ -142,12 +178,16 @@ class _Socket:
         return self.code is not None and not self.flush
 
     def settle(self, outcome: Outcome) -> None:
-        """The pipeline's verdict on a frame this client sent."""
+        """The pipeline's verdict on a frame this client sent. It comes after the event was
+        delivered, so an accepted frame's echo is queued by now."""
+        self.pending -= 1
         if isinstance(outcome, Rejected):
             code = INVALID_DATA if isinstance(outcome.error, DecodeError) else POLICY
-            self.close(code, reason_for(outcome.error))
+            self.close(code, reason_for(outcome.error), flush=True)
         elif isinstance(outcome, Failed):  # retry: storage is down for now (a full disk)
-            self.close(TRY_AGAIN if outcome.retry else INTERNAL, outcome.reason)
+            self.close(TRY_AGAIN if outcome.retry else INTERNAL, outcome.reason, flush=True)
+        if self.pending == 0 and self.code is not None and self.flush:
+            self.send.close()  # every echo it waited for is queued
 
 
 class WebSocketTransport:
@@ -167,6 +207,10 @@ class WebSocketTransport:
         self._idle = trio.Event()
         self._idle.set()
         self._framers: dict[str, tuple[Any, Framer]] = {}  # encoding -> (codec, framer)
+        self._refusal_budget = _AddressBudget(READABLE_REFUSALS, READABLE_REFUSALS_BURST)
+        self._refusal_log = _RefusalLog(name, REFUSAL_LOG_INTERVAL)
+        #: (chat_id, clientMsgId) of updates in the pipeline: a retry waits for the first
+        self._in_flight: dict[tuple[str, str], trio.Event] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -260,11 +304,21 @@ class WebSocketTransport:
             if not sockets:
                 continue
             prepared: dict[str, _Outbound] = {}
+            client_id = message.meta.get(META_CLIENT_ID)
+            sender = message.meta.get("connection") if client_id else None
+            retry = bool(message.meta.get(META_RETRY))
             for sock in list(sockets):
-                item = prepared.get(sock.framer.name)
-                if item is None:
-                    item = _Outbound(message.id, sock.framer.prepare(message.body))
-                    prepared[sock.framer.name] = item
+                if sock.id == sender:  # the echo: the only copy that carries the client's id
+                    item = _Outbound(ALWAYS if retry else message.id, sock.framer.prepare(
+                        {**message.body, CLIENT_MSG_ID: client_id}))
+                elif retry:  # the others had the original event already
+                    continue
+                else:
+                    shared = prepared.get(sock.framer.name)
+                    if shared is None:
+                        shared = _Outbound(message.id, sock.framer.prepare(message.body))
+                        prepared[sock.framer.name] = shared
+                    item = shared
                 if not sock.offer(item):
                     self._ctx_().count("slow_client_closes_total")
                     sock.close(TRY_AGAIN, "too slow: outbound queue full;"
@@ -320,15 +374,15 @@ class WebSocketTransport:
         try:
             try:  # in the order of docs/security.md: caps, path and query, Origin, auth
                 if self._connections > s.max_connections:
-                    raise Refusal(503, "too many connections; try again later")
+                    raise Refusal(503, "too many connections; try again later", "capacity")
                 if self._per_address[address] > s.max_connections_per_address:
-                    raise Refusal(429, "too many connections from your address")
+                    raise Refusal(429, "too many connections from your address", "address_cap")
                 chat = parse_request(request.path, request.proposed_subprotocols)
                 headers = _headers(request)
                 origin = headers.get("origin")
                 if (s.allowed_origins and origin is not None and "*" not in s.allowed_origins
                         and origin not in s.allowed_origins):
-                    raise Refusal(403, "origin not allowed")
+                    raise Refusal(403, "origin not allowed", "origin")
                 identity = await self._authenticate(ctx, chat, request, headers,
                                                     _endpoint(stream.inner))
                 del headers  # not kept for the life of the connection (memory per socket)
@@ -336,19 +390,23 @@ class WebSocketTransport:
                                self.settings.outbound_queue, self.settings.close_timeout_s,
                                scope)
                 self._register(sock)  # before the replay is read: nothing falls in between
-                replayed = await self._replay(ctx, chat)
+                replayed, complete = await self._replay(ctx, chat)
                 if not self._accepting:
-                    raise Refusal(503, "the server is shutting down; try again later")
+                    raise Refusal(503, "the server is shutting down; try again later",
+                                  "shutting_down")
             except Refusal as e:
-                await self._refuse(request, e)
+                await self._refuse(request, e, address, scope)
                 return
-            connection = await request.accept(subprotocol=chat.subprotocol)
+            connection = await _accept(request, chat.subprotocol, s.permessage_deflate)
+            if s.permessage_deflate:
+                ctx.count("sockets_opened_total",
+                          deflate=str(bool(_extensions(connection))).lower())
             stream.farewell = partial(_unsent_close, connection)
             if sock.code is None:
                 scope.deadline = math.inf  # the handshake is done
             expires_at = _expires_at(identity)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, sock, connection, stream, replayed,
+                nursery.start_soon(self._write, sock, connection, stream, replayed, complete,
                                    nursery.cancel_scope)
                 if expires_at is not None:
                     nursery.start_soon(_expire, sock, expires_at)
@@ -378,27 +436,71 @@ class WebSocketTransport:
                 "query": dict(chat.query), "subprotocols": list(request.proposed_subprotocols),
                 "remote": remote})
         except AuthError as e:
-            raise Refusal(e.status, str(e)) from None
+            raise Refusal(e.status, str(e), "token" if e.status == 401 else "forbidden"
+                          ) from None
         except Exception:
             log.exception("%s: authentication hook failed", self.name)
-            raise Refusal(500, "authentication failed: internal error") from None
+            raise Refusal(500, "authentication failed: internal error", "internal") from None
 
-    async def _replay(self, ctx: TransportContext, chat: ChatRequest) -> Sequence[Message]:
+    async def _replay(self, ctx: TransportContext, chat: ChatRequest
+                      ) -> tuple[Sequence[Message], bool]:
+        """What to send before live events, and whether it is all that was asked for (False:
+        ``last=N`` got fewer than N because the chat's older events are no longer kept)."""
+        if chat.last is not None:
+            if chat.last > self.settings.max_last:
+                raise Refusal(400, f"last: at most {self.settings.max_last} events")
+            if chat.last == 0:
+                return (), True
+            events = await self._replay_from(ctx, chat, f"last:{chat.last}")
+            if len(events) == chat.last:
+                return events, True
+            try:  # fewer: were older ones pruned, or does the chat hold no more?
+                await ctx.replay(chat.chat_id, FIRST_EVENT_ID)
+            except ReplayGap:
+                return events, False
+            except Exception:
+                return events, True  # a history that cannot tell: the replay is all it has
+            return events, True
         if chat.since is None:
-            return ()
+            return (), True
+        return await self._replay_from(ctx, chat, chat.since), True
+
+    async def _replay_from(self, ctx: TransportContext, chat: ChatRequest, since: str
+                           ) -> Sequence[Message]:
         try:
-            return await ctx.replay(chat.chat_id, chat.since)
+            return await ctx.replay(chat.chat_id, since)
         except ReplayGap as e:
-            raise Refusal(410, f"since: {e}; reconnect without since for live events"
-                          ) from None
+            raise Refusal(410, f"since: {e}; reconnect without since for live events",
+                          "since_gone") from None
         except ContractError as e:
-            raise Refusal(400, reason_for(e)) from None
+            raise Refusal(400, reason_for(e), "since") from None
         except Exception:
             log.exception("%s: replay failed for chat %s", self.name, chat.chat_id)
-            raise Refusal(500, "replay failed: internal error") from None
+            raise Refusal(500, "replay failed: internal error", "internal") from None
 
-    async def _refuse(self, request: WebSocketRequest, refusal: Refusal) -> None:
-        self._ctx_().count("handshake_refusals_total", status=str(refusal.status))
+    async def _refuse(self, request: WebSocketRequest, refusal: Refusal, address: str,
+                      scope: trio.CancelScope) -> None:
+        """Refuse with the HTTP status, or, when the client asked (``refusals=close``) and
+        its address is within :data:`READABLE_REFUSALS` per second, accept the upgrade and
+        close at once with ``4000 + status`` and the same reason, which a browser can read.
+        Either way the connection counts against the caps until it is gone, and it gets
+        ``close_timeout_s`` at most from here."""
+        ctx = self._ctx_()
+        readable = (wants_readable_refusals(request.path)
+                    and self._refusal_budget.take(address, trio.current_time()))
+        answer = "close" if readable else "http"
+        ctx.count("handshake_refusals_total", status=str(refusal.status))
+        ctx.count("handshake_refusals_by_reason_total", reason=refusal.kind, answer=answer)
+        self._refusal_log.note(refusal, address, answer, trio.current_time())
+        scope.deadline = min(scope.deadline, trio.current_time() + self.settings.close_timeout_s)
+        if readable:
+            offered = list(request.proposed_subprotocols)
+            known = [p for p in offered if p in FRAMERS]
+            # a browser fails a handshake whose answer names none of the offered subprotocols
+            chosen = (known or offered)[0] if offered else None
+            connection = await request.accept(subprotocol=chosen)
+            await connection.aclose(REFUSAL_CODE_BASE + refusal.status, refusal.reason)
+            return
         headers = list(_TEXT)
         if refusal.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
@@ -440,35 +542,78 @@ class WebSocketTransport:
             if not self._accepting:
                 continue  # draining: not taken, so never echoed; the client resends it
             if expires_at is not None and time.time() >= expires_at:
-                sock.close(EXPIRED, "token expired")
+                sock.close(EXPIRED, "token expired", flush=True)
                 return
             now = trio.current_time()
             tokens = min(burst, tokens + (now - refilled) * rate)
             refilled = now
             if tokens < 1:
-                sock.close(POLICY, "rate limit exceeded")
+                sock.close(POLICY, "rate limit exceeded", flush=True)
                 return
             tokens -= 1
             raw = data.encode() if isinstance(data, str) else data
             if len(raw) > limit:
-                sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}")
+                sock.close(TOO_BIG, f"frame of {len(raw)} bytes is over the limit of {limit}",
+                           flush=True)
                 return
             try:
                 frame = sock.framer.decode(raw)
             except DecodeError as e:
-                sock.close(INVALID_DATA, str(e))
+                sock.close(INVALID_DATA, str(e), flush=True)
                 return
             if not isinstance(frame, dict):
-                sock.close(POLICY, "frame: must be an object with a type")
+                sock.close(POLICY, "frame: must be an object with a type", flush=True)
                 return
             if frame.get("type") == "heartbeat":
                 continue
             body = {k: v for k, v in frame.items() if k not in SERVER_FIELDS}
+            client_id = body.pop(CLIENT_MSG_ID, None)
+            if client_id is None:
+                sock.pending += 1
+                await ctx.submit(Message(CHAT_EVENT, body, self.name,
+                                         chat_id=sock.chat.chat_id, meta=meta), sock.settle)
+            elif isinstance(client_id, str) and CLIENT_ID.fullmatch(client_id):
+                await self._submit_named(ctx, sock, body, client_id, meta)
+            else:
+                sock.close(POLICY, f"{CLIENT_MSG_ID}: must be 1-64 characters of"
+                           " A-Z a-z 0-9 . _ : -", flush=True)
+                return
+
+    async def _submit_named(self, ctx: TransportContext, sock: _Socket, body: dict[str, Any],
+                            client_id: str, meta: Mapping[str, Any]) -> None:
+        """Submit an update that carries a client message id, after any update with the
+        same id on this chat that is still in the pipeline (from this socket or one before
+        it), so that the history knows the first one when it looks up the retry."""
+        key = (sock.chat.chat_id, client_id)
+        while (earlier := self._in_flight.get(key)) is not None:
+            await earlier.wait()
+        done = self._in_flight[key] = trio.Event()
+
+        def settle(outcome: Outcome) -> None:
+            if self._in_flight.get(key) is done:
+                del self._in_flight[key]
+            done.set()
+            sock.settle(outcome)
+
+        sock.pending += 1
+        try:
             await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
-                                     meta=meta), sock.settle)
+                                     meta={**meta, META_CLIENT_ID: client_id}), settle)
+        except BaseException:
+            settle(Failed("not submitted"))
+            raise
+
+    def _hello(self, sock: _Socket) -> dict[str, Any]:
+        """The ``hello`` frame (``hello=true``): what a client needs to pace itself."""
+        s = self.settings
+        return {"type": HELLO,
+                "heartbeatInterval": s.heartbeat_interval_s if sock.chat.heartbeat else None,
+                "rateLimit": {"perSecond": s.rate_limit_per_s, "burst": s.rate_burst},
+                "maxMessageBytes": s.max_message_bytes, "maxLast": s.max_last}
 
     async def _write(self, sock: _Socket, connection: WebSocketConnection, stream: HeldStream,
-                     replayed: Sequence[Message], done: trio.CancelScope) -> None:
+                     replayed: Sequence[Message], complete: bool, done: trio.CancelScope
+                     ) -> None:
         """The socket's only sender: replayed events, then queued ones and heartbeats, then
         the close frame. ``socket_sequence`` counts every frame sent. Frames that are ready
         together go out in one system call, up to :data:`WRITE_BATCH` frames and
@@ -477,10 +622,21 @@ class WebSocketTransport:
         sequence = 0
         last = ""  # the last replayed event: live copies up to it were sent already
         try:
+            marks = sock.chat.marks
+            if sock.chat.hello:
+                await connection.send_message(framer.frame(framer.prepare(self._hello(sock)),
+                                                           sequence))
+                sequence += 1
             for i in range(0, len(replayed), WRITE_BATCH):
-                page = [(m.id, framer.prepare(m.body)) for m in replayed[i:i + WRITE_BATCH]]
+                page = [(m.id, framer.prepare({**m.body, REPLAYED: True} if marks else m.body))
+                        for m in replayed[i:i + WRITE_BATCH]]
                 sequence, last = await _send(sock, connection, stream, page, sequence, last,
                                              replay=True)
+            if marks and not sock.stopping():
+                await connection.send_message(framer.frame(framer.prepare({
+                    "type": REPLAY_END, "replayed": len(replayed), "complete": complete,
+                    "lastEventId": last or None}), sequence))
+                sequence += 1
             interval = self.settings.heartbeat_interval_s
             beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
             while not sock.stopping():
@@ -534,6 +690,70 @@ async def _send(sock: _Socket, connection: WebSocketConnection, stream: HeldStre
     finally:
         await stream.release()
     return sequence, last
+
+
+class _AddressBudget:
+    """A token bucket per IP address (``rate`` per second, ``burst`` at once), for the
+    :data:`BUDGET_ADDRESSES` addresses seen last."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, address: str, now: float) -> bool:
+        tokens, then = self._buckets.pop(address, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        ok = tokens >= 1
+        self._buckets[address] = (tokens - 1 if ok else tokens, now)
+        while len(self._buckets) > BUDGET_ADDRESSES:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class _RefusalLog:
+    """Logs a refused handshake, at most one line per kind of refusal per ``interval``
+    seconds; the line says how many of that kind were refused since the last one."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        self._name, self._interval = name, interval
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, refused since)
+
+    def note(self, refusal: Refusal, address: str, answer: str, now: float) -> None:
+        logged, unlogged = self._last.get(refusal.kind, (-math.inf, 0))
+        if now - logged < self._interval:
+            self._last[refusal.kind] = (logged, unlogged + 1)
+            return
+        self._last[refusal.kind] = (now, 0)
+        more = f" ({unlogged} more of this kind since the last line)" if unlogged else ""
+        log.info("%s: refused a handshake from %s: %d %s (%s, answered by %s)%s", self._name,
+                 address, refusal.status, refusal.reason, refusal.kind, answer, more)
+
+
+async def _accept(request: WebSocketRequest, subprotocol: str | None, deflate: bool
+                  ) -> WebSocketConnection:
+    """Accept the upgrade; with ``deflate``, accept permessage-deflate too when the client
+    offered it. trio-websocket 0.12 gives ``accept`` no way to pass wsproto extensions, so
+    this sends wsproto's ``AcceptConnection`` itself, as ``WebSocketConnection._accept``
+    does (tests/test_websocket_deflate.py fails if that changes)."""
+    event: Any = request._event  # wsproto's Request: the offered extensions
+    offered = any(str(e).lower().startswith("permessage-deflate") for e in event.extensions)
+    if not (deflate and offered):
+        return await request.accept(subprotocol=subprotocol)
+    connection: Any = request._connection
+    connection._subprotocol = subprotocol
+    connection._path = event.target
+    await connection._send(AcceptConnection(subprotocol=subprotocol,
+                                            extensions=[PerMessageDeflate()]))
+    connection._open_handshake.set()
+    accepted: WebSocketConnection = connection
+    return accepted
+
+
+def _extensions(connection: WebSocketConnection) -> list[Any]:
+    """The extensions in effect on ``connection`` (wsproto's)."""
+    handshake = getattr(getattr(connection, "_wsproto", None), "handshake", None)
+    frames = getattr(getattr(handshake, "connection", None), "_proto", None)
+    return list(getattr(frames, "extensions", None) or [])
 
 
 def _count_close(ctx: TransportContext, sock: _Socket, connection: WebSocketConnection
@@ -619,4 +839,4 @@ async def _expire(sock: _Socket, expires_at: float) -> None:
     back). A clock set forward meanwhile is caught by the next client frame's check."""
     while (remaining := expires_at - time.time()) > 0:  # noqa: ASYNC110  (wall-clock deadline)
         await trio.sleep(remaining)
-    sock.close(EXPIRED, "token expired")
+    sock.close(EXPIRED, "token expired", flush=True)
