@@ -46,7 +46,7 @@ class WebSocketSettings:
                                       doc="client frames per second per socket (refill rate)")
     rate_burst: int = setting(40, check=positive,
                               doc="frames a socket may send at once; over the limit: 1008")
-    max_last: int = setting(100, check=_positive,
+    max_last: int = setting(100, check=positive,
                             doc="most events a client may ask for with last=N on connect")
     permessage_deflate: bool = setting(
         False, doc="accept permessage-deflate when a client offers it (CPU and memory per"
