@@ -175,7 +175,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_export_of_the_example_config_is_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
     """tests/asyncapi_example.yaml is ``bridged asyncapi -c config.example.toml`` as it was
-    when the core still wrote every transport's part itself (only the version differs)."""
+    when the core still wrote every transport's part itself (only the version differs), with
+    the chat contract's opt-in query keys and frames of issue 15 added since."""
     assert main(["asyncapi", "-c", str(ROOT / "config.example.toml")]) == 0
     expected = (ROOT / "tests" / "asyncapi_example.yaml").read_text()
     expected = expected.replace("  version: 0.1.0\n", f"  version: {version('bridged')}\n", 1)
