@@ -8,7 +8,8 @@ against them, then (elsewhere) the daemon that runs both::
       2. build the plugin manager from [plugins] enable/disable (+ extra_plugins)
       3. collect the Registry: transport types, codecs, transforms, settings classes
       4. bind every plugin and transport table against it; a settings class checks its
-         fields together in __post_init__ (a TLS certificate needs its key)
+         fields together in __post_init__ (a TLS certificate needs its key), a transport
+         type's ``check`` what its factory would meet (a TLS pair that does not load)
       5. check the routes: transports, transforms, loops
 
 Everything ``bridged run`` would refuse in a config is refused here, so ``bridged check``
@@ -170,8 +171,16 @@ def _transports(doc: Document, registry: Registry) -> dict[str, TransportConfig]
             continue
         rest = {k: v for k, v in sub.items() if k != "type"}
         settings = build(tt.settings, rest, ("transports", name), doc.problems, doc.base)
-        if settings is not None:
-            transports[name] = TransportConfig(name, tt.name, settings)
+        if settings is None:
+            continue
+        if tt.check is not None:
+            try:
+                for problem in tt.check(name, settings):
+                    doc.problems.add(("transports", name), problem)
+            except Exception as e:  # the plugin's bug, reported like its other problems
+                doc.problems.add(("transports", name),
+                                 f"check failed: {type(e).__name__}: {e}")
+        transports[name] = TransportConfig(name, tt.name, settings)
     return transports
 
 

@@ -173,10 +173,22 @@ def cmd_run(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
     tune_gc()
     try:
         trio.run(run_service, assembly)
+    except* ConfigError as group:  # a transport's factory refused its settings
+        for error in _leaves(group):
+            for line in error.errors:
+                log.error("config: %s", line)
+        code = EXIT_CONFIG
     except* Exception:
         log.exception("bridged stopped on an error")
         code = EXIT_RUNTIME
     return code
+
+
+def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
+    """The ConfigErrors in ``group``, however deeply nested."""
+    return [e for e in group.exceptions if isinstance(e, ConfigError)] + [
+        leaf for sub in group.exceptions if isinstance(sub, BaseExceptionGroup)
+        for leaf in _leaves(sub)]
 
 
 def cmd_reload(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:

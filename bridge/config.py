@@ -352,6 +352,9 @@ def build(cls: type[Any], table: Any, path: tuple[str | int, ...], errors: Probl
     except ValueError as e:  # a settings class checks its fields together in __post_init__
         errors.add(path, str(e))
         return None
+    except Exception as e:  # a settings class that fails otherwise: its bug, still reported
+        errors.add(path, f"{type(e).__name__}: {e}")
+        return None
 
 
 def close_match(key: str, known: set[str]) -> str | None:
@@ -376,13 +379,19 @@ class Document:
 
 
 def read(path: str | Path) -> Document:
-    """Read and parse ``path``; an unreadable file or invalid TOML raises
+    """Read and parse ``path``; an unreadable file, invalid UTF-8 or invalid TOML raises
     :class:`ConfigError` at once (nothing else can be checked then)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except OSError as e:
         raise ConfigError([f"{file}: cannot read: {e.strerror}"]) from None
+    try:  # universal newlines, as read_text would
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{file}:{line}: invalid UTF-8: byte {raw[e.start]:#04x}"
+                           " (a config file is UTF-8 text)"]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

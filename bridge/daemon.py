@@ -19,7 +19,7 @@ import trio
 
 from .api import PluginContext
 from .assembly import Assembly
-from .errors import ContractError
+from .errors import ConfigError, ContractError
 from .message import Message
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -94,10 +94,14 @@ class Daemon:
         self._extra_plugins = assembly.extra_plugins
         self.metrics = Metrics()
         self.hooks = Hooks(self.pm, timer=self.metrics.hook_timer)
-        self.transports: dict[str, Transport] = {
-            name: self.registry.transports[tc.type].create(name, tc.settings)
-            for name, tc in config.transports.items()
-        }
+        self.transports: dict[str, Transport] = {}
+        for name, tc in config.transports.items():
+            try:
+                self.transports[name] = self.registry.transports[tc.type].create(
+                    name, tc.settings)
+            except Exception as e:  # the factory refused these settings: a config error
+                raise ConfigError([f"{config.path}: transports.{name}: cannot create the"
+                                   f" {tc.type} transport: {type(e).__name__}: {e}"]) from e
         self.router = Router(config.routes, self.registry.transforms)
         self.pipeline = Pipeline(
             self.hooks,

@@ -210,6 +210,9 @@ async def reload_daemon(daemon: Daemon, path: Any = None, *,
             lambda: assemble(path, running=running))).config
     except ConfigError as e:
         result = ReloadResult(False, list(e.errors))
+    except Exception as e:  # a plugin's bug while checking: refused, the daemon runs on
+        log.exception("reload: checking %s failed", path)
+        result = ReloadResult(False, [f"{path}: checking failed: {type(e).__name__}: {e}"])
     else:
         result = ReloadResult(True, _structure_errors(old, new))
         result.ok = not result.errors

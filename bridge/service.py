@@ -121,7 +121,11 @@ class Service:
             announce = self.ready.is_set()
             if announce:
                 await self.notifier.reloading()
-            result = await reload_daemon(self.daemon, set_log_level=_set_log_level)
+            try:  # READY=1 and the outcome always follow RELOADING=1, even on a bug
+                result = await reload_daemon(self.daemon, set_log_level=_set_log_level)
+            except Exception as e:
+                log.exception("reload failed (a bug); the daemon runs on")
+                result = ReloadResult(False, [f"reload failed: {type(e).__name__}: {e}"])
             self.last_reload = result
             if result.ok:
                 self._note = "" if not result.needs_restart else (

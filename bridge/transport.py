@@ -8,7 +8,7 @@ instance per ``[transports.<name>]`` table of the config.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,6 +210,10 @@ class TransportType:
     ``describe(name, settings, context)``: this transport's servers, channels and operations
     for ``bridged asyncapi`` (:data:`AsyncAPIFragment`); None for a transport with no wire
     to describe (it is left out of the document).
+    ``check(name, settings)``: the problems (text) ``create`` would meet outside the
+    settings themselves (files that do not load: a TLS pair); ``bridged check``, ``run``
+    and a reload report each as ``file:line: transports.NAME: problem``. A factory that
+    raises stops ``bridged run`` with exit 1, naming the transport.
     """
 
     name: str
@@ -217,6 +221,7 @@ class TransportType:
     create: Callable[[str, Any], Transport]
     reflects: Callable[[Any], bool] = lambda _settings: False
     describe: Callable[[str, Any, AsyncAPIContext], AsyncAPIFragment] | None = None
+    check: Callable[[str, Any], Iterable[str]] | None = None
 
 
 #: A route transform: a pure function from a message to the message to deliver, or None to

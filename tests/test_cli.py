@@ -111,3 +111,57 @@ def test_a_third_party_plugin_offers_a_subcommand_where_the_config_enables_it(
                              capture_output=True, text=True, timeout=60, env=env, check=False)
     assert refused.returncode == 2
     assert "invalid choice: 'greet'" in refused.stderr
+
+
+def test_check_refuses_what_run_refuses_tls_files_that_do_not_load(tmp_path: Path) -> None:
+    # The pair was loaded only when the transport started listening: `check` said ok and
+    # `run` stopped with a traceback (exit 3).
+    cfg = tmp_path / "missing-tls.toml"
+    cfg.write_text(HALF_TLS.replace('tls_cert = "cert.pem"\n',
+                                    'tls_cert = "cert.pem"\ntls_key = "key.pem"\n'))
+    prefix = f"{cfg}:3: transports.chat: tls_cert and tls_key do not load: "
+    checked = bridged("check", "-c", str(cfg))
+    assert (checked.returncode, checked.stdout) == (1, ""), checked.stderr
+    assert [line for line in checked.stderr.splitlines() if line.startswith(prefix)], \
+        checked.stderr
+    ran = bridged("run", "-c", str(cfg))
+    assert ran.returncode == 1
+    assert prefix in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+RAISING_FACTORY = """\
+import sys
+from dataclasses import dataclass
+from bridge import TransportType, hookimpl
+from bridge.cli import main
+
+@dataclass(frozen=True)
+class Settings:
+    pass
+
+def create(name, settings):
+    raise RuntimeError("no such device")
+
+class Plugin:
+    @hookimpl
+    def bridge_register_transports(self, register):
+        register(TransportType("fragile", Settings, create))
+
+sys.exit(main(["run", "-c", sys.argv[1]], extra_plugins=[Plugin()]))
+"""
+
+
+def test_run_names_a_transport_whose_factory_raises_and_exits_1(tmp_path: Path) -> None:
+    # `check` does not create transports (a factory may open files, sockets); `run` did,
+    # and stopped with a traceback and exit 3.
+    cfg = tmp_path / "fragile.toml"
+    cfg.write_text('[admin]\nenabled = false\n[transports.dev]\ntype = "fragile"\n')
+    script = tmp_path / "fragile.py"
+    script.write_text(RAISING_FACTORY)
+    ran = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert ran.returncode == 1, ran.stderr
+    assert (f"{cfg}: transports.dev: cannot create the fragile transport: RuntimeError:"
+            " no such device") in ran.stderr
+    assert "Traceback" not in ran.stderr

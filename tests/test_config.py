@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bridge import Secret
+from bridge import Secret, hookimpl, setting
 from bridge.assembly import assemble
 from bridge.errors import ConfigError
 
@@ -191,3 +193,42 @@ def test_settings_checks_are_public_and_shared_by_the_built_ins() -> None:
     assert check(HistorySettings, "retention_count") is bridge.positive
     assert check(MemorySettings, "capacity") is bridge.positive
     assert check(AuthJwtSettings, "leeway_s") is bridge.not_negative
+
+
+class Picky:
+    """A plugin given in code whose settings class fails with something else than
+    ValueError (a plugin's bug, or a lookup it does in __post_init__)."""
+
+    __name__ = "picky"
+
+    @hookimpl
+    def bridge_settings_class(self) -> type[Any]:
+        return PickySettings
+
+
+@dataclass(frozen=True)
+class PickySettings:
+    mode: str = setting("plain")
+
+    def __post_init__(self) -> None:
+        {"plain": 1}[self.mode]  # a KeyError for any other mode
+
+
+def test_any_exception_from_a_settings_class_is_a_problem_with_file_and_line(
+        tmp_path: Path) -> None:
+    # Only ValueError was caught: `bridged check` stopped with a KeyError traceback.
+    path = tmp_path / "c.toml"
+    path.write_text(BASE + '\n[plugins.picky]\nmode = "fancy"\n')
+    with pytest.raises(ConfigError) as info:
+        assemble(path, extra_plugins=[Picky()])
+    assert info.value.errors == [f"{path}:13: plugins.picky: KeyError: 'fancy'"]
+
+
+def test_a_file_that_is_not_utf8_is_a_problem_with_file_and_line(tmp_path: Path) -> None:
+    # read() caught only OSError: a UnicodeDecodeError traceback.
+    path = tmp_path / "c.toml"
+    path.write_bytes(BASE.encode() + b'\n[daemon]\n# caf\xe9\n')
+    with pytest.raises(ConfigError) as info:
+        assemble(path)
+    assert info.value.errors == [
+        f"{path}:14: invalid UTF-8: byte 0xe9 (a config file is UTF-8 text)"]

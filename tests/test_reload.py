@@ -9,13 +9,21 @@ from typing import Any
 
 import pytest
 import trio
-from ops_support import count_plugin_managers, running_service, use_opsplug
+from ops_support import (
+    NotifySocket,
+    abstract_name,
+    count_plugin_managers,
+    running_service,
+    states,
+    use_opsplug,
+)
 
-from bridge import PluginContext, Secret, hookimpl, setting
+from bridge import PluginContext, Secret, TransportType, hookimpl, setting
 from bridge.assembly import assemble
-from bridge.reload import changed_fields
+from bridge.reload import changed_fields, read_result
 from bridge.service import Service
 from bridge.testing import write_config
+from bridge_plugins.memory import MemorySettings, MemoryTransport
 
 BASE = """
 [admin]
@@ -263,3 +271,72 @@ async def test_no_plugin_manager_is_built_by_a_reload(
         write_config(tmp_path, TO_C.replace("[admin]", "[admni]"))  # refused
         assert not (await service.reload()).ok
         assert built == []
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    broken: bool = setting(False)
+
+
+def _mirror_reflects(settings: MirrorSettings) -> bool:
+    if settings.broken:
+        raise RuntimeError("mirror bug")
+    return False
+
+
+class Mirror:
+    """A plugin given in code whose transport type fails while a config is checked (its
+    ``reflects`` raises for ``broken = true``): a bug, not a ConfigError."""
+
+    __name__ = "mirror"
+
+    @hookimpl
+    def bridge_register_transports(self, register: Any) -> None:
+        register(TransportType("mirror", MirrorSettings,
+                               lambda name, _s: MemoryTransport(name, MemorySettings()),
+                               reflects=_mirror_reflects))
+
+
+async def test_a_plugin_bug_while_checking_is_a_refused_reload_and_systemd_hears_ready(
+        tmp_path: Path) -> None:
+    # The exception left reload_daemon and Service.reload: no READY=1 after RELOADING=1
+    # (systemd stayed "reloading") and no reload-result.json (`bridged reload` waited 60 s).
+    path = write_config(tmp_path, TO_B + '\n[transports.m]\ntype = "mirror"\n')
+    notify = await NotifySocket(abstract_name()).bind()
+    assembly = assemble(path, extra_plugins=[Mirror()])
+    async with running_service(assembly, environ={"NOTIFY_SOCKET": notify.name}) as service:
+        with trio.fail_after(5):
+            await notify.until("READY")
+        path.write_text(path.read_text() + "broken = true\n")
+        result = await service.reload()
+        assert not result.ok
+        assert result.errors == [f"{path}: checking failed: RuntimeError: mirror bug"]
+        with trio.fail_after(5):
+            assert states(await notify.until("READY")) == ["RELOADING", "READY"]
+        assert (read_result(tmp_path / "state") or {})["outcome"] == "refused"
+        assert await roundtrip(service, "still") == "b"
+    notify.close()
+
+
+async def test_a_reload_that_fails_still_ends_with_ready_and_an_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backstop in Service.reload, for a failure outside the check: the reload itself
+    # raises (caused here by replacing it).
+    path = write_config(tmp_path, TO_B)
+    notify = await NotifySocket(abstract_name()).bind()
+    async with running_service(assemble(path),
+                               environ={"NOTIFY_SOCKET": notify.name}) as service:
+        with trio.fail_after(5):
+            await notify.until("READY")
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("disk on fire")
+
+        monkeypatch.setattr("bridge.service.reload_daemon", failing)
+        result = await service.reload()
+        assert (result.ok, result.errors) == (False, ["reload failed: OSError: disk on fire"])
+        with trio.fail_after(5):
+            assert states(await notify.until("READY")) == ["RELOADING", "READY"]
+        assert (read_result(tmp_path / "state") or {})["outcome"] == "refused"
+        assert "refused" in service.status()
+    notify.close()

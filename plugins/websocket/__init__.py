@@ -7,7 +7,8 @@ parameters, encodings, close codes and resume semantics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from bridge import TransportType, hookimpl, port_number, positive, setting
 
 from .asyncapi import describe
-from .server import WebSocketTransport
+from .server import WebSocketTransport, new_ssl_context
 
 __all__ = ["WebSocketSettings", "WebSocketTransport"]
 
@@ -59,10 +60,20 @@ class WebSocketSettings:
             raise ValueError("set both tls_cert and tls_key, or neither")
 
 
+def _check(name: str, settings: WebSocketSettings) -> Iterator[str]:
+    """The TLS pair loads (the files exist, are readable and match), as it must at start."""
+    if settings.tls_cert is not None:
+        try:
+            new_ssl_context(settings)
+        except (OSError, ssl.SSLError) as e:
+            yield f"tls_cert and tls_key do not load: {e}"
+
+
 def _create(name: str, settings: Any) -> WebSocketTransport:
     return WebSocketTransport(name, settings)
 
 
 @hookimpl
 def bridge_register_transports(register: Callable[[TransportType], None]) -> None:
-    register(TransportType("websocket", WebSocketSettings, _create, describe=describe))
+    register(TransportType("websocket", WebSocketSettings, _create, describe=describe,
+                           check=_check))

@@ -247,7 +247,7 @@ class WebSocketTransport:
                 self._listening = False
 
     def _ssl_context(self) -> ssl.SSLContext:
-        context = _new_ssl_context(self.settings)
+        context = new_ssl_context(self.settings)
         self._tls = context
         return context
 
@@ -264,7 +264,7 @@ class WebSocketTransport:
             return False
         if settings.tls_cert is not None:
             try:
-                await trio.to_thread.run_sync(_new_ssl_context, settings)  # does it load?
+                await trio.to_thread.run_sync(new_ssl_context, settings)  # does it load?
             except (OSError, ssl.SSLError) as e:
                 log.error("%s: the new TLS certificate and key do not load (%s); keeping the"
                           " old pair", self.name, e)
@@ -789,7 +789,7 @@ def _unsent_close(connection: WebSocketConnection) -> bytes:
     return data
 
 
-def _new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
+def new_ssl_context(settings: WebSocketSettings) -> ssl.SSLContext:
     """A server context for ``tls_cert``/``tls_key``: TLS 1.2 or later, Python's ciphers."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
