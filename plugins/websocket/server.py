@@ -736,17 +736,64 @@ async def _accept(request: WebSocketRequest, subprotocol: str | None, deflate: b
     this sends wsproto's ``AcceptConnection`` itself, as ``WebSocketConnection._accept``
     does (tests/test_websocket_deflate.py fails if that changes)."""
     event: Any = request._event  # wsproto's Request: the offered extensions
-    offered = any(str(e).lower().startswith("permessage-deflate") for e in event.extensions)
+    offered = any(_deflate_offer_ok(str(e)) for e in event.extensions)
     if not (deflate and offered):
         return await request.accept(subprotocol=subprotocol)
     connection: Any = request._connection
     connection._subprotocol = subprotocol
     connection._path = event.target
     await connection._send(AcceptConnection(subprotocol=subprotocol,
-                                            extensions=[PerMessageDeflate()]))
+                                            extensions=[_Deflate()]))
     connection._open_handshake.set()
     accepted: WebSocketConnection = connection
     return accepted
+
+
+# The values of a permessage-deflate offer's window parameters (RFC 7692 §7.1.2) that the
+# server can agree to: zlib has no 8-bit window for raw deflate, so a server_max_window_bits
+# of 8 is declined (as §7.1.2.1 allows); client_max_window_bits may also come without one.
+_SERVER_WINDOW = re.compile(r"9|1[0-5]")
+_CLIENT_WINDOW = re.compile(r"[89]|1[0-5]")
+
+
+def _deflate_offer_ok(offer: str) -> bool:
+    """Whether the server can accept ``offer``: a permessage-deflate offer whose parameters
+    are all known, none repeated, each value valid (RFC 7692 §5: else the server declines
+    it). Checked here because wsproto raises on a bad value and ignores unknown names."""
+    name, *params = (part.strip() for part in offer.split(";"))
+    seen: set[str] = set()
+    for param in params:
+        key, equals, value = (part.strip() for part in param.partition("="))
+        if key in seen:
+            return False
+        seen.add(key)
+        if key in ("server_no_context_takeover", "client_no_context_takeover"):
+            ok = not equals
+        elif key == "server_max_window_bits":
+            ok = bool(_SERVER_WINDOW.fullmatch(value))
+        elif key == "client_max_window_bits":
+            ok = not equals or bool(_CLIENT_WINDOW.fullmatch(value))
+        else:
+            ok = False
+        if not ok:
+            return False
+    return name == "permessage-deflate"
+
+
+class _Deflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, agreeing to the first offer the server can accept and
+    declining the rest (wsproto alone raises on a bad value and, of several offers, merges
+    them all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._agreed = False
+
+    def accept(self, offer: str) -> bool | str | None:
+        if self._agreed or not _deflate_offer_ok(offer):
+            return None
+        self._agreed = True
+        return super().accept(offer)
 
 
 def _extensions(connection: WebSocketConnection) -> list[Any]:
