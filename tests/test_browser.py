@@ -256,13 +256,13 @@ async def test_the_example_page_in_chromium(tmp_path: Path) -> None:
             assert [e["texts"][0] for e in kept] == [f"filler {i}" for i in range(5, 25)]
 
             # a token that expires mid-session: 4001, the page refreshes it and carries on
-            short = token("alice", "alice", ttl=3)
+            short = token("alice", "alice", ttl=10)  # time to open the page on a busy CI box
             expiring = await browser.open(browser.url(ws_port, chat="alice", token=short,
                                                       refreshBefore="-60", remember="false"))
             await expiring.live()
             await expiring.eval(f"() => {{ window.refreshToken = async () => "
                                 f"'{token('alice', 'alice')}'; }}")
-            first = await expiring.wait("() => window.closes && window.closes[0]", within=10)
+            first = await expiring.wait("() => window.closes && window.closes[0]", within=20)
             assert first == {"code": 4001, "reason": "token expired", "action": "refresh"}
             await expiring.live()
             echo = await expiring.eval("async () => await window.chat.send('renewed')")
