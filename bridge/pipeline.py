@@ -73,6 +73,8 @@ class Pipeline:
         self._hooks = hooks
         self._router = router  # a callable: a reload swaps the router between batches
         self._destinations = destinations
+        #: destinations that store what they take and hold it until ``commit``: outboxes
+        self._durable = frozenset(n for n, t in destinations.items() if _is_durable(t))
         self._metrics = metrics
         self._hop_limit = hop_limit
         self._batch_max = batch_max
@@ -181,7 +183,7 @@ class Pipeline:
                 self._storage_recovered()
 
     async def _finish_ready(self, ready: list[Work]) -> None:
-        durable = {name for name, t in self._destinations.items() if _is_durable(t)}
+        durable = self._durable
         if durable:
             await self._deliver(ready, lambda dest: dest in durable)
         await self._persist([w for w in ready if w.outcome is None])
@@ -267,7 +269,7 @@ class Pipeline:
             self.storage_error = None
             self._metrics.gauge("storage_ready", 1)
 
-    async def _commit(self, ready: list[Work], durable: set[str]) -> None:
+    async def _commit(self, ready: list[Work], durable: frozenset[str]) -> None:
         """Tell each durable destination which of the messages it holds were stored."""
         for dest in durable:
             kept: list[Message] = []
@@ -311,7 +313,7 @@ class Pipeline:
                         continue
                     self._metrics.count("messages_out_total", transport=dest, route=leg.route)
                 continue
-            if _is_durable(transport):
+            if dest in self._durable:
                 self._storage_ok()
             for _, leg in items:
                 self._metrics.count("messages_out_total", transport=dest, route=leg.route)

@@ -596,12 +596,14 @@ class WebSocketTransport:
             sock.settle(outcome)
 
         sock.pending += 1
+        submitted = False
         try:
             await ctx.submit(Message(CHAT_EVENT, body, self.name, chat_id=sock.chat.chat_id,
                                      meta={**meta, META_CLIENT_ID: client_id}), settle)
-        except BaseException:
-            settle(Failed("not submitted"))
-            raise
+            submitted = True
+        finally:
+            if not submitted:  # cancelled or closed: release whoever waits on this id
+                settle(Failed("not submitted"))
 
     def _hello(self, sock: _Socket) -> dict[str, Any]:
         """The ``hello`` frame (``hello=true``): what a client needs to pace itself."""
