@@ -40,6 +40,7 @@ from .config import (
     TransportConfig,
     build,
     convert,
+    per_instance,
     read,
 )
 from .errors import ConfigError
@@ -99,6 +100,7 @@ def assemble(path: str | Path, *, extra_plugins: Iterable[object] = (),
     assert daemon is not None
     assert log is not None
     assert admin is not None
+    daemon, admin = per_instance(daemon, admin)
     config = Config(path=doc.file, daemon=daemon, log=log, admin=admin,
                     plugins=PluginsConfig(enable, disable, plugin_settings),
                     transports=transports, routes=routes)

@@ -23,9 +23,10 @@ from pathlib import Path
 import pluggy
 import trio
 
-from .api import Command
+from .api import Command, Config
 from .assembly import Assembly, assemble
 from .asyncapi import build_document, render
+from .config import INSTANCE_ENV
 from .errors import ConfigError
 from .logs import setup_logging
 from .plugins import build_plugin_manager, describe_plugins
@@ -157,6 +158,12 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _clustered(config: Config) -> bool:
+    """Whether several instances may run this config (cluster mode): logs name the
+    instance then."""
+    return "cluster" in config.plugins.enable or bool(os.environ.get(INSTANCE_ENV))
+
+
 def cmd_run(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
     try:
         assembly, notes = _assemble(args.config, extra_plugins)
@@ -166,7 +173,8 @@ def cmd_run(args: argparse.Namespace, extra_plugins: tuple[object, ...]) -> int:
             log.error("config: %s", line)
         return EXIT_CONFIG
     config = assembly.config
-    setup_logging(args.log_format or config.log.format, config.log.level)
+    setup_logging(args.log_format or config.log.format, config.log.level,
+                  instance=config.daemon.instance if _clustered(config) else "")
     for note in notes:
         log.warning("config: %s", note)
     code = EXIT_OK

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import os
 import re
+import socket
 import tomllib  # Python >= 3.11 is required; tomli would serve below that
 import types
 import typing
@@ -83,7 +84,10 @@ def port_number(v: int) -> str | None:
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    state_dir: Path = setting(Path("state"), doc="where history, spools and state live")
+    state_dir: Path = setting(Path("state"), doc="where history, spools and state live;"
+                              " {instance} is replaced by the instance name")
+    instance: str = setting("", doc="this instance's name (logs, cluster mode); empty:"
+                            " $BRIDGED_INSTANCE, else the host name")
     drain_timeout_s: float = setting(10.0, check=positive, doc="bound on graceful shutdown")
     hop_limit: int = setting(8, check=positive, doc="messages with more hops are dead-lettered")
     pipeline_queue: int = setting(1024, check=positive, doc="inbound messages waiting at most")
@@ -101,6 +105,8 @@ class AdminSettings:
     enabled: bool = setting(True)
     host: str = setting("127.0.0.1", doc="loopback by default")
     port: int = setting(9100, check=port_number)
+    port_per_instance: bool = setting(False, doc="true: when the instance name is a number"
+                                      " N, listen on port + N (several instances on a host)")
 
 
 @dataclass(frozen=True)
@@ -404,3 +410,28 @@ def read(path: str | Path) -> Document:
             problems.add((key,), "unknown table or key"
                          + (f" (did you mean {hint!r}?)" if hint else ""))
     return Document(file, data, problems, file.resolve().parent)
+
+
+#: The environment variable that names an instance (``systemd/bridged@.service`` sets it
+#: to the unit's ``%i``).
+INSTANCE_ENV = "BRIDGED_INSTANCE"
+
+
+def instance_name(configured: str, environ: Mapping[str, str] | None = None) -> str:
+    """The instance's name: ``[daemon] instance``, else ``$BRIDGED_INSTANCE``, else the host
+    name."""
+    env = os.environ if environ is None else environ
+    return configured or env.get(INSTANCE_ENV, "") or socket.gethostname()
+
+
+def per_instance(daemon: DaemonSettings, admin: AdminSettings,
+                 environ: Mapping[str, str] | None = None
+                 ) -> tuple[DaemonSettings, AdminSettings]:
+    """The settings with the instance resolved: its name, ``{instance}`` in ``state_dir``,
+    and, with ``port_per_instance``, the admin port moved up by a numeric instance name."""
+    name = instance_name(daemon.instance, environ)
+    daemon = dataclasses.replace(
+        daemon, instance=name, state_dir=Path(str(daemon.state_dir).replace("{instance}", name)))
+    if admin.port_per_instance and name.isdigit():
+        admin = dataclasses.replace(admin, port=admin.port + int(name))
+    return daemon, admin

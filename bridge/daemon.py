@@ -97,11 +97,11 @@ class Daemon:
         self.transports: dict[str, Transport] = {}
         for name, tc in config.transports.items():
             try:
-                self.transports[name] = self.registry.transports[tc.type].create(
-                    name, tc.settings)
+                transport = self.registry.transports[tc.type].create(name, tc.settings)
             except Exception as e:  # the factory refused these settings: a config error
                 raise ConfigError([f"{config.path}: transports.{name}: cannot create the"
                                    f" {tc.type} transport: {type(e).__name__}: {e}"]) from e
+            self.transports[name] = self.hooks.wrap_transport(name, transport)
         self.router = Router(config.routes, self.registry.transforms)
         self.pipeline = Pipeline(
             self.hooks,

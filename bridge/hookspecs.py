@@ -94,11 +94,29 @@ def bridge_enrich_message(message: Message) -> Message | None:
 
 
 @hookspec
-def bridge_persist_messages(messages: Sequence[Message]) -> None:
+def bridge_persist_messages(messages: Sequence[Message], destinations: Sequence[tuple[str, ...]]
+                            ) -> Sequence[Message] | None:
     """Store these messages (a batch, in delivery order) before they are delivered. Return
     only once they are durable: the sender's confirmation is sent after this returns. All
     implementations are called; one that raises fails the batch, which the core then
-    retries one message at a time so that only the bad message fails."""
+    retries one message at a time so that only the bad message fails.
+
+    ``destinations[i]`` names the transports ``messages[i]`` is routed to (a store that
+    keeps an outbox writes it in the same transaction). A store that assigns the event ids
+    itself (cluster mode's, where the database orders a chat's events) returns the messages
+    as stored, aligned with ``messages``: the core delivers those instead. A message the
+    store recognised as stored already (its dedupe key) comes back as the original event
+    with ``meta["client_msg_retry"] = True``; it is echoed to its sender only. Return None
+    to leave the messages as they are; at most one implementation may return messages."""
+
+
+@hookspec
+def bridge_wrap_transport(name: str, transport: Any) -> Any | None:
+    """Sync, called once per configured transport when the daemon is built, before any
+    plugin starts. Return an object that stands in for ``transport`` (the same interface,
+    :class:`bridge.Transport`: typically it forwards to ``transport`` and changes how
+    ``deliver`` works), or None to leave it. Each implementation gets what the one before
+    returned. Cluster mode uses it to put its sequencer in front of the chat's sockets."""
 
 
 @hookspec

@@ -45,9 +45,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self, *, timestamp: bool = True) -> None:
+    def __init__(self, *, timestamp: bool = True, instance: str = "") -> None:
         stamp = "%(asctime)s.%(msecs)03dZ " if timestamp else ""
-        super().__init__(stamp + "%(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        where = f"[{instance.replace('%', '%%')}] " if instance else ""
+        super().__init__(stamp + "%(levelname)-7s " + where + "%(name)s: %(message)s",
+                         "%Y-%m-%dT%H:%M:%S")
         self.converter = time.gmtime
 
 
@@ -92,14 +94,18 @@ def stderr_is_journal(stream: TextIO | None = None,
 
 
 def setup_logging(fmt: str = "text", level: str = "info", *,
-                  environ: Mapping[str, str] | None = None) -> None:
+                  environ: Mapping[str, str] | None = None, instance: str = "") -> None:
+    """Log to stderr. With ``instance`` (several instances: cluster mode), every line names
+    it: ``[name]`` in text, an ``instance`` field in JSON."""
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
     if stderr_is_journal(sys.stderr, environ):
         formatter = JournalFormatter(JsonFormatter() if fmt == "json"
-                                     else TextFormatter(timestamp=False))
+                                     else TextFormatter(timestamp=False, instance=instance))
     else:
-        formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+        formatter = JsonFormatter() if fmt == "json" else TextFormatter(instance=instance)
+    if instance:
+        handler.addFilter(_InstanceFilter(instance))
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -108,6 +114,18 @@ def setup_logging(fmt: str = "text", level: str = "info", *,
     # transport already logs the loss and each reconnect in one line, so keep only errors.
     for noisy in ("aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class _InstanceFilter(logging.Filter):
+    """Puts the instance's name on every record (the JSON format's ``instance`` field)."""
+
+    def __init__(self, instance: str) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.instance = self.instance
+        return True
 
 
 class RateLimited:

@@ -20,7 +20,7 @@ being prepared (or waiting to be handed over) and one being finished.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -220,7 +220,7 @@ class Pipeline:
         if not ready or not self._hooks.has("bridge_persist_messages"):
             return
         try:
-            await self._hooks.persist(_unique(m for w in ready for m in _leg_messages(w)))
+            await self._persist_works(ready)
         except Exception as e:
             if len(ready) == 1 or isinstance(e, StorageUnavailable):
                 for work in ready:  # storage is down: every message of the batch waits
@@ -231,11 +231,36 @@ class Pipeline:
             return
         for work in ready:  # isolate the message that fails
             try:
-                await self._hooks.persist(_unique(_leg_messages(work)))
+                await self._persist_works([work])
             except Exception as e:
                 self._persist_failed(work, e)
             else:
                 self._storage_ok()
+
+    async def _persist_works(self, works: list[Work]) -> None:
+        """Persist the legs' messages (each object once, with every destination it goes
+        to). A store that assigned the ids returns the messages as stored: the legs then
+        carry those."""
+        destinations: dict[int, tuple[str, ...]] = {}
+        messages: list[Message] = []
+        for work in works:
+            for leg in work.legs:
+                known = destinations.get(id(leg.message))
+                if known is None:
+                    messages.append(leg.message)
+                    destinations[id(leg.message)] = leg.destinations
+                else:
+                    destinations[id(leg.message)] = known + tuple(
+                        d for d in leg.destinations if d not in known)
+        stored = await self._hooks.persist(messages, [destinations[id(m)] for m in messages])
+        if stored is None:
+            return
+        replaced = {id(old): new for old, new in zip(messages, stored, strict=True)}
+        for work in works:
+            work.legs = [Leg(leg.route, replaced.get(id(leg.message), leg.message),
+                             leg.destinations) for leg in work.legs]
+            if work.message is not None:
+                work.message = replaced.get(id(work.message), work.message)
 
     def _persist_failed(self, work: Work, error: Exception) -> None:
         assert work.message is not None
@@ -349,17 +374,4 @@ def _is_durable(transport: Transport) -> bool:
     return callable(getattr(transport, "commit", None))
 
 
-def _leg_messages(work: Work) -> list[Message]:
-    return [leg.message for leg in work.legs]
-
-
-def _unique(messages: Iterable[Message]) -> list[Message]:
-    """Messages in order, each object once (several legs may carry the same one)."""
-    seen: set[int] = set()
-    out = []
-    for m in messages:
-        if id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
 

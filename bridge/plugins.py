@@ -42,6 +42,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "bridge_plugins.auth_jwt",
 )
 
+#: Built-in plugins loaded only when ``[plugins] enable`` names them (cluster mode).
+OPT_IN_PLUGINS: tuple[str, ...] = (
+    "bridge_plugins.cluster",
+)
+
 ENTRY_POINT_GROUP = "bridge"
 
 
@@ -68,7 +73,8 @@ class PluginInfo:
 
 
 #: The names of the built-in plugins.
-BUILTIN_NAMES = frozenset(path.rsplit(".", 1)[-1] for path in DEFAULT_PLUGINS)
+BUILTIN_NAMES = frozenset(path.rsplit(".", 1)[-1]
+                          for path in DEFAULT_PLUGINS + OPT_IN_PLUGINS)
 
 # importlib.metadata is imported where it is used: importing it and scanning the installed
 # distributions takes about 0.1 s, which a daemon that enables no third-party plugin need not
@@ -77,7 +83,7 @@ BUILTIN_NAMES = frozenset(path.rsplit(".", 1)[-1] for path in DEFAULT_PLUGINS)
 
 def available_plugins() -> dict[str, str]:
     """Every plugin that could load: name -> origin ("builtin" or distribution)."""
-    found = {path.rsplit(".", 1)[-1]: "builtin" for path in DEFAULT_PLUGINS}
+    found = {path.rsplit(".", 1)[-1]: "builtin" for path in DEFAULT_PLUGINS + OPT_IN_PLUGINS}
     for ep in _entry_points():
         found.setdefault(ep.name, ep.dist.name if ep.dist else "unknown")
     return found
@@ -105,6 +111,10 @@ def _register(pm: pluggy.PluginManager, enable: set[str], disable: set[str],
     for path in DEFAULT_PLUGINS:
         name = path.rsplit(".", 1)[-1]
         if name not in disable:
+            pm.register(_plugin_object(importlib.import_module(path)), name=name)
+    for path in OPT_IN_PLUGINS:
+        name = path.rsplit(".", 1)[-1]
+        if name in enable and name not in disable:
             pm.register(_plugin_object(importlib.import_module(path)), name=name)
     wanted = {n for n in enable - disable if pm.get_plugin(n) is None}
     for ep in _entry_points() if wanted else ():
@@ -270,9 +280,35 @@ class Hooks:
                 message = result
         return message
 
-    async def persist(self, messages: Sequence[Message]) -> None:
+    async def persist(self, messages: Sequence[Message],
+                      destinations: Sequence[tuple[str, ...]] | None = None
+                      ) -> list[Message] | None:
+        """Every store's ``bridge_persist_messages``; the messages as stored when a store
+        returned them (it assigned the ids), else None."""
+        kwargs = {"messages": messages,
+                  "destinations": destinations or [() for _ in messages]}
+        stored: list[Message] | None = None
         for impl in self._impls("bridge_persist_messages"):
-            await self._call(impl, {"messages": messages})
+            result = await self._call(impl, kwargs)
+            if result is None:
+                continue
+            if stored is not None:
+                raise RuntimeError(f"plugin {impl.plugin_name}: a second store returned the"
+                                   " messages it stored; only one store may assign ids")
+            stored = list(result)
+            if len(stored) != len(messages):
+                raise RuntimeError(f"plugin {impl.plugin_name}: persisted {len(messages)}"
+                                   f" messages but returned {len(stored)}")
+        return stored
+
+    def wrap_transport(self, name: str, transport: Any) -> Any:
+        """``transport``, as each ``bridge_wrap_transport`` implementation wraps it in turn."""
+        for impl in self._impls("bridge_wrap_transport"):
+            kwargs = {"name": name, "transport": transport}
+            result = impl.function(*[kwargs[n] for n in impl.argnames])
+            if result is not None:
+                transport = result
+        return transport
 
     async def replay(self, chat_id: str, since: str) -> Sequence[Message] | None:
         for impl in self._impls("bridge_replay_messages"):

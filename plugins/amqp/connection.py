@@ -142,6 +142,27 @@ class Connection:
 
         await self.island.call(run)
 
+    async def declare_private_queue(self, exchange: str, exchange_type: str, binding: str,
+                                    max_length: int) -> str:
+        """Declare the durable ``exchange`` and an exclusive, server-named queue bound to it
+        with ``binding``, holding ``max_length`` messages at most (the oldest are dropped
+        first); the queue's name. It lives as long as this connection."""
+
+        async def run() -> str:
+            ch = await self._conn.channel(publisher_confirms=False)
+            try:
+                ex = await ch.declare_exchange(exchange, aio_pika.ExchangeType(exchange_type),
+                                               durable=True)
+                queue = await ch.declare_queue(
+                    "", exclusive=True, auto_delete=True,
+                    arguments={"x-max-length": max_length, "x-overflow": "drop-head"})
+                await queue.bind(ex, binding)
+                return str(queue.name)
+            finally:
+                await ch.close()
+
+        return await self.island.call(run)
+
     async def open_publisher(self, window: int) -> Publisher:
         """A channel in confirm mode with at most ``window`` unconfirmed publishes."""
         return Publisher(self.island, await self._channel(confirms=True), window)

@@ -75,6 +75,8 @@ class AmqpTransport:
         self._connected = False
         self._established = False
         self._consumer: Consumer | None = None
+        self._direct: Publisher | None = None  # publish_confirmed's channel, while connected
+        self._direct_lock = trio.Lock()
         self._last_error = "not connected yet"
         self._changed = trio.Event()  # fired on spool and connection changes
         self._spool_grown = trio.Event()
@@ -256,6 +258,7 @@ class AmqpTransport:
         try:
             await self._declare(conn)
             publisher = await conn.open_publisher(s.publish_window)
+            self._direct = await conn.open_publisher(s.publish_window)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.wait_lost)
                 nursery.start_soon(self._publish, publisher)
@@ -273,6 +276,7 @@ class AmqpTransport:
         finally:
             self._connected = False
             self._consumer = None
+            self._direct = None
             self._fire()
             await conn.close(s.close_timeout_s)
 
@@ -391,6 +395,29 @@ class AmqpTransport:
             headers[CHAT_ID_HEADER] = message.chat_id
         return Entry(s.exchange, key, codec.content_type, message.id, headers,
                      codec.encode(message.body))
+
+    async def publish_confirmed(self, messages: Sequence[Message]) -> None:
+        """Publish ``messages`` now, in order, and return once the broker has confirmed every
+        one; raise (:class:`ConnectionError`) when it is not connected or does not confirm
+        them all. The spool is not used: the caller keeps them until this returns (cluster
+        mode's outbox in PostgreSQL)."""
+        entries = [self._entry(m) for m in messages]
+        async with self._direct_lock:
+            publisher = self._direct
+            if publisher is None or not self._connected:
+                raise ConnectionError(f"{self.name}: not connected to the broker")
+            await publisher.publish([
+                Outgoing(e.exchange, e.routing_key, e.body,
+                         Properties(e.content_type, e.message_id, True, e.headers), i)
+                for i, e in enumerate(entries)])
+            waiting = set(range(len(entries)))
+            while waiting:
+                for c in await publisher.confirms():
+                    if not c.ok:
+                        raise PublishFailed(f"{self.name}: publish of {messages[c.token].id}"
+                                            f" failed: {c.reason}")
+                    waiting.discard(c.token)
+        self.ctx.count("published_total", len(entries))
 
     async def _publish(self, publisher: Publisher) -> None:
         """Drain the spool in order; everything unconfirmed is re-sent on a new connection."""

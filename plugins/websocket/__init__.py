@@ -25,6 +25,8 @@ __all__ = ["WebSocketSettings", "WebSocketTransport"]
 class WebSocketSettings:
     host: str = setting("127.0.0.1", doc="address to listen on")
     port: int = setting(3000, check=port_number, doc="TCP port (0: any free port)")
+    reuse_port: bool = setting(False, doc="SO_REUSEPORT: several processes on this host share"
+                               " the port (cluster mode, systemd/bridged@.service)")
     tls_cert: Path | None = setting(None, doc="PEM certificate chain; with tls_key: wss")
     tls_key: Path | None = setting(None, doc="PEM private key of tls_cert")
     heartbeat_interval_s: float = setting(5.0, check=positive,

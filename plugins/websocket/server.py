@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import count
@@ -211,6 +212,16 @@ class WebSocketTransport:
         self._refusal_log = _RefusalLog(name, REFUSAL_LOG_INTERVAL)
         #: (chat_id, clientMsgId) of updates in the pipeline: a retry waits for the first
         self._in_flight: dict[tuple[str, str], trio.Event] = {}
+        self._join: Callable[[str], Awaitable[None]] | None = None
+        self._leave: Callable[[str], None] | None = None
+
+    def watch_chats(self, join: Callable[[str], Awaitable[None]],
+                    leave: Callable[[str], None]) -> None:
+        """Call ``join(chat_id)`` for each socket as it registers, before its replay is
+        read and before its handshake completes (what raises there refuses the handshake
+        with 503, reason ``storage``), and ``leave(chat_id)`` when a chat's last socket has
+        gone. Cluster mode's sequencer keeps a chat's order from the first ``join`` on."""
+        self._join, self._leave = join, leave
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -219,12 +230,14 @@ class WebSocketTransport:
         self._ctx = ctx
         s = self.settings
         listeners: list[Any]
-        if s.tls_cert is not None:
-            context = await trio.to_thread.run_sync(self._ssl_context)
-            listeners = await trio.open_ssl_over_tcp_listeners(
-                s.port, context, host=s.host, https_compatible=True)
+        if s.reuse_port:
+            listeners = await _reuse_port_listeners(s.host, s.port)
         else:
             listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+        if s.tls_cert is not None:
+            context = await trio.to_thread.run_sync(self._ssl_context)
+            listeners = [trio.SSLListener(listener, context, https_compatible=True)
+                         for listener in listeners]
         inner: Any = getattr(listeners[0], "transport_listener", listeners[0])
         self.port = int(inner.socket.getsockname()[1])
         ctx.gauge("open_sockets", 0)
@@ -258,7 +271,8 @@ class WebSocketTransport:
         theirs; a pair that does not load is refused and the old one kept. Every other
         setting applies to the connections opened from now on."""
         old = self.settings
-        if ((settings.host, settings.port) != (old.host, old.port)
+        if ((settings.host, settings.port, settings.reuse_port)
+                != (old.host, old.port, old.reuse_port)
                 or (settings.tls_cert is None) != (old.tls_cert is None)
                 or (settings.tls_cert is None) != (settings.tls_key is None)):
             return False
@@ -390,6 +404,14 @@ class WebSocketTransport:
                                self.settings.outbound_queue, self.settings.close_timeout_s,
                                scope)
                 self._register(sock)  # before the replay is read: nothing falls in between
+                if self._join is not None:
+                    try:
+                        await self._join(chat.chat_id)
+                    except Exception as e:
+                        log.warning("%s: chat %s cannot be joined: %s", self.name,
+                                    chat.chat_id, e)
+                        raise Refusal(503, "the chat's history is unavailable; try again"
+                                      " later", "storage") from None
                 replayed, complete = await self._replay(ctx, chat)
                 if not self._accepting:
                     raise Refusal(503, "the server is shutting down; try again later",
@@ -520,6 +542,8 @@ class WebSocketTransport:
         sockets.discard(sock)
         if not sockets:
             del self._chats[sock.chat.chat_id]
+            if self._leave is not None:
+                self._leave(sock.chat.chat_id)
         sock.send.close()
         self._sockets -= 1
         if self._sockets == 0:
@@ -729,6 +753,28 @@ class _RefusalLog:
         more = f" ({unlogged} more of this kind since the last line)" if unlogged else ""
         log.info("%s: refused a handshake from %s: %d %s (%s, answered by %s)%s", self._name,
                  address, refusal.status, refusal.reason, refusal.kind, answer, more)
+
+
+async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listeners on ``host:port`` with ``SO_REUSEPORT``: several processes on one host
+    share the port, and the kernel spreads new connections over them."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                          flags=socket.AI_PASSIVE)
+    listeners = []
+    for family, type_, proto, _, address in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
 
 
 async def _accept(request: WebSocketRequest, subprotocol: str | None, deflate: bool
