@@ -55,3 +55,5 @@ class PluginContext:
     settings: Any
     state_dir: Path
     nursery: trio.Nursery
+    #: this instance's name (``[daemon] instance``, ``$BRIDGED_INSTANCE`` or the host name)
+    instance: str = ""

@@ -75,6 +75,9 @@ def assemble(path: str | Path, *, extra_plugins: Iterable[object] = (),
         problems.add(("plugins",), "must be a table")
         plugin_table = {}
     enable, disable = _plugin_names(doc, plugin_table)
+    if "cluster" in enable and "cluster" not in disable and "history" not in disable:
+        problems.add(("plugins", "enable"), "cluster mode keeps the history in PostgreSQL:"
+                     ' also add "history" to [plugins] disable')
     if running is None:
         extra = tuple(extra_plugins)
         try:

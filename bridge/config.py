@@ -432,6 +432,6 @@ def per_instance(daemon: DaemonSettings, admin: AdminSettings,
     name = instance_name(daemon.instance, environ)
     daemon = dataclasses.replace(
         daemon, instance=name, state_dir=Path(str(daemon.state_dir).replace("{instance}", name)))
-    if admin.port_per_instance and name.isdigit():
+    if admin.port_per_instance and admin.port and name.isdigit():  # port 0: any free port
         admin = dataclasses.replace(admin, port=admin.port + int(name))
     return daemon, admin

@@ -138,7 +138,7 @@ class Daemon:
         async with trio.open_nursery() as plugin_nursery:
             contexts = {
                 name: PluginContext(name, self.config.plugins.settings.get(name), state_dir,
-                                    plugin_nursery)
+                                    plugin_nursery, self.config.daemon.instance)
                 for name, _ in self.pm.list_name_plugin()
             }
             self.plugin_contexts = contexts

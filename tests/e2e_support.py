@@ -160,13 +160,15 @@ class Running:
 
 @asynccontextmanager
 async def running(config: Path, *, log_name: str = "bridged.stderr",
-                  pythonpath: Sequence[Path] = ()) -> AsyncIterator[Running]:
+                  pythonpath: Sequence[Path] = (),
+                  extra_env: dict[str, str] | None = None) -> AsyncIterator[Running]:
     """``python -m bridge run -c CONFIG --log-format json``, READY (every transport up)
     before the block; killed at the end if still running. The log is printed afterwards
     (pytest shows it when the test fails)."""
     notify = await NotifySocket(abstract_name()).bind()
     bridged = await start_bridged(config, notify, args=["--log-format", "json"],
-                                  log_name=log_name, pythonpath=pythonpath)
+                                  log_name=log_name, pythonpath=pythonpath,
+                                  extra_env=extra_env)
     daemon = Running(bridged, notify)
     try:
         await _wait_ready(daemon)

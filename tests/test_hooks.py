@@ -338,3 +338,70 @@ def test_each_command_builds_one_plugin_manager(tmp_path: Path, monkeypatch: pyt
         assert main(argv, extra_plugins=[RoutesCommand()]) == code
         assert len(built) == 1, argv
     capsys.readouterr()
+
+
+class IdStore:
+    """A store that assigns the ids (as cluster mode's does) and a wrapper that counts what
+    reaches transport ``b``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, tuple[str, ...]]] = []
+        self.wrapped: list[str] = []
+        self.delivered = 0
+
+    @hookimpl
+    async def bridge_persist_messages(self, messages: Sequence[Message],
+                                      destinations: Sequence[tuple[str, ...]]
+                                      ) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        out = []
+        for m, dests in zip(messages, destinations, strict=True):
+            self.seen.append((str(m.body.get("text")), dests))
+            out.append(m.evolve(id=f"stored-{len(self.seen)}",
+                                body={**m.body, "stored": len(self.seen)}))
+        return out
+
+    @hookimpl
+    def bridge_wrap_transport(self, name: str, transport: Any) -> Any:
+        self.wrapped.append(name)
+        if name != "b":
+            return None
+        store = self
+
+        class Counting:
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(transport, attr)
+
+            async def deliver(self, messages: Sequence[Message]) -> None:
+                store.delivered += len(messages)
+                await transport.deliver(messages)
+
+        return Counting()
+
+
+async def test_a_store_that_assigns_ids_and_a_wrapped_transport(
+        bridge_config: Callable[..., Assembly]) -> None:
+    """What a store returns is what is delivered (its ids and bodies), the store is told
+    each message's destinations, and a wrapper stands in for its transport."""
+    store = IdStore()
+    async with run_bridge(bridge_config(MEMORY_AB, extra_plugins=[store])) as daemon:
+        assert sorted(store.wrapped) == ["a", "b"]
+        a = cast(MemoryTransport, daemon.transports["a"])
+        outcome = await a.inject({"text": "one"}, kind="text")
+        assert isinstance(outcome, Accepted)
+        assert outcome.message.id == "stored-1"
+        got = await cast(MemoryTransport, daemon.transports["b"]).received.receive()
+        assert (got.id, got.body) == ("stored-1", {"text": "one", "stored": 1})
+        assert store.seen == [("one", ("b",))]
+        assert store.delivered == 1
+
+
+async def test_two_stores_that_assign_ids_fail_the_message(
+        bridge_config: Callable[..., Assembly]) -> None:
+    """Only one store may assign ids: a second one returning messages fails the batch
+    (it is not silently ignored)."""
+    first, second = IdStore(), IdStore()
+    async with run_bridge(bridge_config(MEMORY_AB, extra_plugins=[first, second])) as daemon:
+        a = cast(MemoryTransport, daemon.transports["a"])
+        outcome = await a.inject({"text": "one"}, kind="text")
+        assert not isinstance(outcome, Accepted)

@@ -53,6 +53,7 @@ from bridge import (
     Outcome,
     Rejected,
     ReplayGap,
+    StorageUnavailable,
     TransportContext,
 )
 
@@ -496,6 +497,10 @@ class WebSocketTransport:
                           "since_gone") from None
         except ContractError as e:
             raise Refusal(400, reason_for(e), "since") from None
+        except StorageUnavailable as e:
+            log.warning("%s: replay for chat %s: %s", self.name, chat.chat_id, e)
+            raise Refusal(503, "the chat's history is unavailable; try again later",
+                          "storage") from None
         except Exception:
             log.exception("%s: replay failed for chat %s", self.name, chat.chat_id)
             raise Refusal(500, "replay failed: internal error", "internal") from None
