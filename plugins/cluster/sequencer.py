@@ -192,10 +192,13 @@ class Sequencer:
             if wait > 0 and not overfull:
                 await trio.sleep(wait)
                 continue
+            repaired = False
             for chat_id, chat in due:
                 if chat.held and (len(chat.held) > MAX_HELD
                                   or now - chat.held_since >= self.gap_wait_s):
-                    await self._repair(chat_id, chat, min(chat.held) - 1, "gap")
+                    repaired |= await self._repair(chat_id, chat, min(chat.held) - 1, "gap")
+            if not repaired:  # a repair of those chats is in flight already: let it finish
+                await trio.sleep(min(0.05, self.gap_wait_s))
 
     async def _heads_forever(self, interval_s: float) -> None:
         while True:
@@ -227,10 +230,11 @@ class Sequencer:
         chat = self._chats.get(chat_id)
         return chat is not None and (head[0] != chat.epoch or head[1] >= chat.next)
 
-    async def _repair(self, chat_id: str, chat: _Chat, last: int, kind: str) -> None:
-        """Read offsets ``next..last`` of ``chat_id`` from PostgreSQL and offer them."""
+    async def _repair(self, chat_id: str, chat: _Chat, last: int, kind: str) -> bool:
+        """Read offsets ``next..last`` of ``chat_id`` from PostgreSQL and offer them; False
+        when a repair of the chat is in flight already."""
         if chat.repairing:
-            return
+            return False
         chat.repairing = True
         first = chat.next
         try:
@@ -239,7 +243,7 @@ class Sequencer:
             log.warning("cluster: repair of chat %s (%d..%d) failed: %s", chat_id, first,
                         last, e)
             chat.held_since = self._clock()  # try again after gap_wait_s
-            return
+            return True
         finally:
             chat.repairing = False
         self.repairs[kind] += 1
@@ -249,7 +253,7 @@ class Sequencer:
         async with self._lock:
             chat_now = self._chats.get(chat_id)
             if chat_now is not chat:
-                return
+                return True
             if events:
                 parsed = parse_event_id(events[0].id)
                 if parsed is not None and parsed[0] != chat.epoch:
@@ -264,3 +268,4 @@ class Sequencer:
             out = self._accept(chat, events)
             if out:
                 await self._deliver(out)
+        return True
