@@ -78,6 +78,24 @@ def test_example_config_checks() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_cluster_example_config_checks_and_its_keys_are_checked(tmp_path: Path) -> None:
+    example = (ROOT / "config.cluster.example.toml").read_text()
+    result = bridged("check", "-c", str(ROOT / "config.cluster.example.toml"))
+    assert result.returncode == 0, result.stderr
+    keeps_history = tmp_path / "history.toml"
+    keeps_history.write_text(example.replace('disable = ["history"]', "disable = []"))
+    result = bridged("check", "-c", str(keeps_history))
+    assert result.returncode == 1
+    assert f"{keeps_history}:" in result.stderr
+    assert 'plugins.enable: cluster mode keeps the history in PostgreSQL' in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.replace('schema = "bridged"', 'schema = "Bad-Name"\ngap_wait_s = -1'))
+    result = bridged("check", "-c", str(bad))
+    assert result.returncode == 1
+    assert "plugins.cluster.schema: must be a lower-case SQL identifier" in result.stderr
+    assert "plugins.cluster.gap_wait_s: must be greater than 0" in result.stderr
+
+
 def test_wheel_has_no_bare_plugins_package(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True,

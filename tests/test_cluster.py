@@ -4,6 +4,7 @@ see every event of the chat once, in one order, with no gap (docs/cluster.md).""
 
 from __future__ import annotations
 
+import json
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import trio
 import trio.lowlevel
 from cluster_support import cluster_config, fresh_schema, instances, offset, texts
 from e2e_support import ChatClient, chat, fresh_vhost
+from ws_support import raw_handshake
 
 INSTANCES = ["1", "2", "3"]
 CHATS = ["c-alpha", "c-beta", "c-gamma"]
@@ -68,3 +70,40 @@ async def test_three_instances_one_order(tmp_path: Path) -> None:
                 assert sorted(seen) == sorted(sent)
                 for client in sockets[chat_id]:
                     assert [f["eventId"] for f in got[id(client)]] == reference
+
+
+async def test_resume_retry_and_refusals_across_instances(tmp_path: Path) -> None:
+    """``since`` and ``last`` work on any instance; a clientMsgId retried on another
+    instance gets the original event and makes no second one; a single-process id as
+    ``since`` cannot be resumed (410), never a wrong replay."""
+    async with fresh_vhost() as vhost, fresh_schema() as schema:
+        config = cluster_config(tmp_path, vhost.url(), schema)
+        async with instances(config, ["1", "2"]) as d:
+            async with chat(d["1"].ws_port, "room") as one, chat(d["2"].ws_port, "room") as two:
+                first = await one.say("first")
+                assert (await two.next())["eventId"] == first["eventId"]
+                await one.ws.send_message(json.dumps({
+                    "type": "update", "clientMsgId": "m-1",
+                    "message": [{"type": "message", "text": "named"}]}))
+                named = await one.next()
+                assert named["clientMsgId"] == "m-1"
+                assert (await two.next())["eventId"] == named["eventId"]
+                # the same id again, on the other instance: the original event, echoed only
+                await two.ws.send_message(json.dumps({
+                    "type": "update", "clientMsgId": "m-1",
+                    "message": [{"type": "message", "text": "named (retry)"}]}))
+                again = await two.next()
+                assert (again["eventId"], texts(again)) == (named["eventId"], ["named"])
+                last = await one.say("last")
+                assert (await two.next())["eventId"] == last["eventId"]
+            ids = [first["eventId"], named["eventId"], last["eventId"]]
+            assert [offset(e) for e in ids] == [1, 2, 3]
+            for name in ("1", "2"):  # resume on either instance: the rest, in order
+                async with chat(d[name].ws_port, "room", f"since={first['eventId']}") as c:
+                    assert [(await c.next())["eventId"] for _ in range(2)] == ids[1:]
+                async with chat(d[name].ws_port, "room", "last=2") as c:
+                    assert [(await c.next())["eventId"] for _ in range(2)] == ids[1:]
+            status, body = await raw_handshake(
+                d["2"].ws_port, "/v1/chats/room?since=00001733000000000000")
+            assert status == 410, body
+            assert "reconnect without since" in body
