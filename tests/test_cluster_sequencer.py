@@ -27,6 +27,7 @@ class Committed:
         self.events: dict[str, list[Message]] = {}
         self.fetches: list[tuple[str, int, int]] = []
         self.delivered: list[str] = []
+        self._more = trio.Event()
 
     def commit(self, chat: str, n: int) -> list[Message]:
         have = self.events.setdefault(chat, [])
@@ -36,6 +37,13 @@ class Committed:
 
     async def deliver(self, messages: Sequence[Message]) -> None:
         self.delivered += [f"{m.chat_id}:{m.body['n']}" for m in messages]
+        self._more.set()
+
+    async def until(self, n: int) -> None:
+        """Wait until ``n`` events were delivered."""
+        while len(self.delivered) < n:
+            self._more = trio.Event()
+            await self._more.wait()
 
     async def fetch(self, chat: str, first: int, last: int) -> list[Message]:
         await trio.lowlevel.checkpoint()
@@ -91,8 +99,7 @@ async def test_a_hole_is_repaired_from_the_store() -> None:
         nursery.start_soon(seq.repair_forever, 60.0)
         await seq.offer([e[0], e[3], e[4]])  # 2 and 3 lost on the way
         with trio.fail_after(5):
-            while len(store.delivered) < 5:
-                await trio.sleep(0.01)
+            await store.until(5)
         nursery.cancel_scope.cancel()
     assert store.delivered == ["c:1", "c:2", "c:3", "c:4", "c:5"]
     assert store.fetches == [("c", 2, 3)]
