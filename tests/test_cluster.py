@@ -12,6 +12,7 @@ import trio
 import trio.lowlevel
 from cluster_support import cluster_config, fresh_schema, instances, offset, texts
 from e2e_support import ChatClient, chat, fresh_vhost
+from ops_support import http
 from ws_support import raw_handshake
 
 INSTANCES = ["1", "2", "3"]
@@ -107,3 +108,14 @@ async def test_resume_retry_and_refusals_across_instances(tmp_path: Path) -> Non
                 d["2"].ws_port, "/v1/chats/room?since=00001733000000000000")
             assert status == 410, body
             assert "reconnect without since" in body
+            _, _, metrics = await http(d["2"].admin_port, "/metrics")
+            for family in ("bridged_cluster_backplane_lag_seconds_count",
+                           "bridged_cluster_db_seconds_count",
+                           "bridged_cluster_db_ping_seconds_count"):
+                assert family in metrics.decode(), family
+            status, ready = await d["1"].readyz()
+            assert status == 200, ready
+            for name in ("1", "2"):  # every log line names its instance
+                records = d[name].log()
+                assert records
+                assert {r.get("instance") for r in records} == {name}
