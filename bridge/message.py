@@ -11,6 +11,11 @@ from typing import Any
 CHAT_EVENT = "chat.event"
 #: kind of a notification: body is ``{"userId", "message", "timestamp"}``.
 NOTIFICATION = "notification"
+#: ``Message.meta`` key of a chat event's client message id (the websocket transport sets it
+#: from an update's ``clientMsgId``; docs/websocket.md). It is not part of the event: a
+#: durable destination that holds the message keeps it beside it, so that what it stores
+#: again after a crash still carries it (docs/architecture.md, "Durability").
+CLIENT_MSG_ID = "client_msg_id"
 
 
 @dataclass(frozen=True, slots=True)
