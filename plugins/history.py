@@ -43,6 +43,7 @@ import trio
 from bridge import (
     CHAT_EVENT,
     CLIENT_MSG_ID,
+    CLIENT_MSG_RETRY,
     ContractError,
     Message,
     PluginContext,
@@ -89,7 +90,7 @@ CREATE INDEX IF NOT EXISTS client_ids_event ON client_ids (chat_id, event_id);
 """
 #: ``Message.meta`` key of the mark a retry the history recognised gets: the message is the
 #: original event (the client message id itself is under :data:`bridge.CLIENT_MSG_ID`).
-RETRY_OF = "client_msg_retry"
+RETRY_OF = CLIENT_MSG_RETRY
 
 
 @dataclass(frozen=True)

@@ -251,7 +251,8 @@ async def test_a_client_id_held_in_the_outbox_at_a_sigkill_is_known_after_the_re
     with sqlite3.connect(tmp_path / "state" / "history.sqlite3") as db:
         rows = db.execute("SELECT event_id FROM events ORDER BY event_id").fetchall()
     assert rows == [(first["eventId"],), (window,)]  # no second event in the history
-    assert set(first_seen(got)) == {first["eventId"], window}  # nor on the exchange
+    assert set(first_seen(got)) == {first["eventId"], window}  # nor on the exchange,
+    assert [d.message_id for d in got].count(window) == 1  # where the retry is not routed
 
 
 async def test_two_legs_to_one_outbox_are_both_dropped_when_the_store_refuses(

@@ -55,6 +55,7 @@ from bridge import (
     TransportContext,
 )
 from bridge import CLIENT_MSG_ID as META_CLIENT_ID
+from bridge import CLIENT_MSG_RETRY as META_RETRY
 
 from .framing import Framer, JsonFramer, MsgpackFramer
 from .handshake import (
@@ -84,7 +85,6 @@ FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": Ms
 #: puts on a retry it recognised (the message is then the original event; plugins/history.py).
 CLIENT_MSG_ID = "clientMsgId"
 CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-META_RETRY = "client_msg_retry"
 #: With ``marks=true``: the key on replayed updates, and the frame between replay and live.
 REPLAYED, REPLAY_END = "replayed", "replay_end"
 #: With ``hello=true``: the first frame on the socket.
