@@ -307,3 +307,23 @@ def _node_modules() -> None:
     if not (DRIVER.parent / "node_modules").exists():
         subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund", "--prefix",
                         str(DRIVER.parent)], check=True, timeout=300)
+
+
+async def test_a_history_that_cannot_send_the_newest_events_opens_live_without_a_loop(
+        tmp_path: Path) -> None:
+    """No history plugin: ``last=N`` is refused with a reason naming ``last`` (4400), and
+    the client opens once more without ``last`` (live only) instead of asking again."""
+    async with fresh_vhost() as vhost, chromium() as browser:
+        config = example_config(tmp_path, vhost.url(), extra='[plugins]\ndisable = ["history"]\n')
+        async with running(config) as daemon:
+            page = await browser.open(browser.url(daemon.ws_port, chat="alice", last="5",
+                                                  remember="false"))
+            await page.live()
+            echo = await page.eval("async () => await window.chat.send('live only')")
+            assert echo["message"][0]["text"] == "live only"
+            closes = await page.eval("() => window.closes")
+            assert len(closes) == 1, closes
+            assert (closes[0]["code"], closes[0]["reason"][:6], closes[0]["action"]) == (
+                4400, "last: ", "drop-last")
+            assert len(await page.eval("() => window.opens")) == 2
+

@@ -16,6 +16,7 @@ export function closeAction(code, reason = "") {
   if (code === 4001 || code === 4401) return "refresh";   // token expired / missing / invalid
   if (code === 4410) return "drop-since";                  // since older than what is kept
   if (code === 4400 && reason.startsWith("since:")) return "drop-since";
+  if (code === 4400 && reason.startsWith("last:")) return "drop-last";  // no newest events
   if (code === 4400 || code === 4403 || code === 4404) return "give-up";
   if (code === 4429 || code === 4503 || code === 4500) return "back-off";
   if (code === 1008 && reason === "rate limit exceeded") return "back-off";
@@ -81,6 +82,8 @@ export class BridgedClient extends EventTarget {
     this._bucket = { tokens: 0, at: 0 };
     this._watchdog = null;
     this._stopped = false;
+    this._askedSince = false;    // the current socket was opened with since
+    this._noLast = false;        // the history cannot send the newest events: never ask
   }
 
   // ----------------------------------------------------------------- public
@@ -122,13 +125,14 @@ export class BridgedClient extends EventTarget {
                                         encoding: this.encoding });
     if (this.heartbeat) query.set("heartbeat", "true");
     if (this.lastEventId) query.set("since", this.lastEventId);
-    else if (this.last > 0) query.set("last", String(this.last));
+    else if (this.last > 0 && !this._noLast) query.set("last", String(this.last));
     const protocols = [this.encoding];
     if (this.token) protocols.push(`bearer.${this.token}`);
     const ws = new WebSocket(`${this.url}/v1/chats/${encodeURIComponent(this.chatId)}?${query}`,
                              protocols);
     ws.binaryType = "arraybuffer";
     this._ws = ws;
+    this._askedSince = query.has("since");
     this._sequence = -1;
     this._live = false;
     ws.onopen = () => {
@@ -147,7 +151,11 @@ export class BridgedClient extends EventTarget {
     this._ws = null;
     this._clearTimers();
     for (const entry of this.outbox) entry.sentAt = 0;   // not echoed: resend on the next socket
-    const action = closeAction(code, reason);
+    let action = closeAction(code, reason);
+    // an older server names since when its history refuses last: dropping since would ask
+    // for last again, in a loop
+    if (action === "drop-since" && !this._askedSince) action = "drop-last";
+    if (action === "drop-last" && this._noLast) action = "give-up";   // asked for neither
     this._emit("close", { code, reason, action });
     if (this._stopped) return;
     if (action === "give-up") {
@@ -158,6 +166,10 @@ export class BridgedClient extends EventTarget {
     if (action === "drop-since") {
       this._forget();
       this._emit("gap", { code, reason });
+      return this._retry("now");
+    }
+    if (action === "drop-last") {   // the history cannot send the newest events: live only
+      this._noLast = true;
       return this._retry("now");
     }
     if (action === "refresh") {

@@ -474,6 +474,9 @@ class WebSocketTransport:
             raise Refusal(410, f"since: {e}; reconnect without since for live events",
                           "since_gone") from None
         except ContractError as e:
+            if chat.last is not None:  # the client sent last, not since: name what it sent
+                raise Refusal(400, "last: the history cannot send the newest events; open"
+                              f" without last ({reason_for(e)})", "last") from None
             raise Refusal(400, reason_for(e), "since") from None
         except Exception:
             log.exception("%s: replay failed for chat %s", self.name, chat.chat_id)
