@@ -21,7 +21,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .identity import Identity
-from .message import CHAT_EVENT, NOTIFICATION, Message
+from .message import CHAT_EVENT, CLIENT_MSG_ID, CLIENT_MSG_RETRY, NOTIFICATION, Message
 from .transport import (
     Accepted,
     AsyncAPIContext,
@@ -43,6 +43,8 @@ hookimpl = pluggy.HookimplMarker("bridge")
 
 __all__ = [
     "CHAT_EVENT",
+    "CLIENT_MSG_ID",
+    "CLIENT_MSG_RETRY",
     "NOTIFICATION",
     "Accepted",
     "AsyncAPIContext",

@@ -11,6 +11,16 @@ from typing import Any
 CHAT_EVENT = "chat.event"
 #: kind of a notification: body is ``{"userId", "message", "timestamp"}``.
 NOTIFICATION = "notification"
+#: ``Message.meta`` key of a chat event's client message id (the websocket transport sets it
+#: from an update's ``clientMsgId``; docs/websocket.md). It is not part of the event: a
+#: durable destination that holds the message keeps it beside it, so that what it stores
+#: again after a crash still carries it (docs/architecture.md, "Durability").
+CLIENT_MSG_ID = "client_msg_id"
+#: ``Message.meta`` key a store sets (True) on a chat event whose :data:`CLIENT_MSG_ID` it
+#: recognised as a retry: the message is the original event again. It is not stored again,
+#: and the pipeline hands it back to its source transport only (the sender's echo), not to
+#: the route's other destinations, which had the original event already.
+CLIENT_MSG_RETRY = "client_msg_retry"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import trio
 
 from .errors import ContractError, DecodeError, HopLimitExceeded, StorageUnavailable
 from .logs import RateLimited
-from .message import Message
+from .message import CLIENT_MSG_RETRY, Message
 from .metrics import Metrics
 from .plugins import Hooks
 from .routing import Leg, Router
@@ -203,6 +203,8 @@ class Pipeline:
             msg = await self._hooks.enrich(msg)
             work.message = msg
             legs = router.route(msg)
+            if msg.meta.get(CLIENT_MSG_RETRY):
+                legs = _back_to_source(legs, msg.source)
             for leg in legs:
                 if leg.message is not msg:
                     await self._hooks.validate(leg.message, "outbound")
@@ -374,4 +376,10 @@ def _is_durable(transport: Transport) -> bool:
     return callable(getattr(transport, "commit", None))
 
 
+def _back_to_source(legs: list[Leg], source: str) -> list[Leg]:
+    """The legs of a retry a store recognised (``meta[CLIENT_MSG_RETRY]``): it is an event
+    every destination had already, so it goes back to its source only (the sender's echo);
+    routing it on would publish the event a second time."""
+    return [Leg(leg.route, leg.message, (source,)) for leg in legs
+            if source in leg.destinations]
 

@@ -42,6 +42,8 @@ import trio
 
 from bridge import (
     CHAT_EVENT,
+    CLIENT_MSG_ID,
+    CLIENT_MSG_RETRY,
     ContractError,
     Message,
     PluginContext,
@@ -86,10 +88,9 @@ CREATE TABLE IF NOT EXISTS client_ids (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_ids_event ON client_ids (chat_id, event_id);
 """
-#: ``Message.meta`` keys of a client message id (set by the websocket transport): the id,
-#: and, on a retry the history recognised, the mark that the message is the original event.
-CLIENT_MSG_ID = "client_msg_id"
-RETRY_OF = "client_msg_retry"
+#: ``Message.meta`` key of the mark a retry the history recognised gets: the message is the
+#: original event (the client message id itself is under :data:`bridge.CLIENT_MSG_ID`).
+RETRY_OF = CLIENT_MSG_RETRY
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,27 @@ async def test_concurrent_appends_get_their_own_seqs(tmp_path: Path) -> None:
     assert sorted(e.message_id for e in got) == sorted(
         f"id-{s + i}" for s in (0, 10, 20) for i in range(5))
     await spool.close()
+
+
+async def test_an_outbox_of_an_older_version_gets_the_client_id_column(tmp_path: Path) -> None:
+    """A file made before client message ids were kept: its rows come back without one, and
+    new rows keep theirs (held, as the reconcile after a crash reads them)."""
+    path = tmp_path / "outbox.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE released (one INTEGER PRIMARY KEY CHECK (one = 1),
+                                   through INTEGER NOT NULL);
+            CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, exchange TEXT NOT NULL,
+                routing_key TEXT NOT NULL, content_type TEXT NOT NULL,
+                message_id TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL);
+            INSERT INTO released VALUES (1, 0);
+            INSERT INTO outbox (exchange, routing_key, content_type, message_id, headers, body)
+                VALUES ('chat', 'chat.c', 'application/json', 'old', '{}', x'7b7d');""")
+    spool = await Spool.open(path, max_messages=100)
+    named = Entry("chat", "chat.c", "application/json", "new", {}, b"{}", client_msg_id="m-1")
+    await spool.append([named], hold=True)
+    await spool.close()
+    spool = await Spool.open(path, max_messages=100)
+    held = await spool.held()
+    assert [(e.message_id, e.client_msg_id) for e in held] == [("old", None), ("new", "m-1")]
+    await spool.close()

@@ -307,3 +307,58 @@ def _node_modules() -> None:
     if not (DRIVER.parent / "node_modules").exists():
         subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund", "--prefix",
                         str(DRIVER.parent)], check=True, timeout=300)
+
+
+async def test_a_history_that_cannot_send_the_newest_events_opens_live_without_a_loop(
+        tmp_path: Path) -> None:
+    """No history plugin: ``last=N`` is refused with a reason naming ``last`` (4400), and
+    the client opens once more without ``last`` (live only) instead of asking again."""
+    async with fresh_vhost() as vhost, chromium() as browser:
+        config = example_config(tmp_path, vhost.url(), extra='[plugins]\ndisable = ["history"]\n')
+        async with running(config) as daemon:
+            page = await browser.open(browser.url(daemon.ws_port, chat="alice", last="5",
+                                                  remember="false"))
+            await page.live()
+            echo = await page.eval("async () => await window.chat.send('live only')")
+            assert echo["message"][0]["text"] == "live only"
+            closes = await page.eval("() => window.closes")
+            assert len(closes) == 1, closes
+            assert (closes[0]["code"], closes[0]["reason"][:6], closes[0]["action"]) == (
+                4400, "last: ", "drop-last")
+            assert len(await page.eval("() => window.opens")) == 2
+
+
+async def test_a_token_refresh_leaves_exactly_one_socket(tmp_path: Path) -> None:
+    """The refresh before ``exp`` replaces the socket; the old one's close must not open
+    another. A slow token source (300 ms) lets the old socket's close arrive while the new
+    one waits for its token, where it once reconnected a second time."""
+    ws_port = free_port()
+    async with fresh_vhost() as vhost, chromium() as browser:
+        config = browser_config(tmp_path, vhost.url(), browser.http_port, ws_port)
+        async with running(config) as daemon:
+            # refreshed 3 s after it was made (1 s after the socket opened, at the latest)
+            short = token("alice", "alice", ttl=33)
+            page = await browser.open(browser.url(ws_port, chat="alice", token=short,
+                                                  remember="false"))
+            await page.eval(f"""() => {{
+                const Native = window.WebSocket;
+                window.sockets = window.chat._ws ? [window.chat._ws] : [];
+                window.WebSocket = class extends Native {{
+                    constructor(...args) {{ super(...args); window.sockets.push(this); }} }};
+                const getToken = window.chat.getToken;
+                window.chat.getToken = async (force) => {{
+                    await new Promise((resolve) => setTimeout(resolve, 300));
+                    return getToken(force); }};
+                window.chat.minDelayMs = 0;  // a second reconnect would come at once
+                window.refreshToken = async () => '{token("alice", "alice")}';
+                window.refreshed = 0;
+                window.chat.addEventListener('refresh', () => {{ window.refreshed += 1; }});
+            }}""")
+            await page.wait("() => window.refreshed === 1 && window.sockets.length >= 2"
+                            " && window.chat.state === 'open' && window.chat._live", within=20)
+            echo = await page.eval("async () => await window.chat.send('after the refresh')")
+            assert echo["message"][0]["text"] == "after the refresh"
+            await daemon.until_metric('bridged_open_sockets{transport="chat"} 1.0')
+            sockets = await page.eval("""() => window.sockets.map((s) => s.readyState)""")
+            assert sockets == [3, 1], sockets  # the first closed, the second open, no third
+            assert (await page.eval("() => window.closes ?? []")) == []

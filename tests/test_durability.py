@@ -5,7 +5,9 @@ outbox's release leaves the event in both."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
@@ -203,6 +205,54 @@ async def test_sigkill_between_the_history_and_the_outbox_leaves_the_event_in_bo
             assert [d.message_id for d in got].count(window) == 1
             assert await daemon.stop() == 0
             assert await broker.ready(NAMES.archive) == 0
+
+
+def named(text: str, client_id: str) -> str:
+    return json.dumps({"type": "update", "clientMsgId": client_id,
+                       "message": [{"type": "message", "text": text}]})
+
+
+async def test_a_client_id_held_in_the_outbox_at_a_sigkill_is_known_after_the_restart(
+        tmp_path: Path) -> None:
+    """An update with a ``clientMsgId`` is spooled and held, then the daemon is SIGKILLed
+    before the history stored it; the reconcile at the next start stores it with its client
+    id, so a retry with that id gets the original event: no second row in the history, no
+    second event on the exchange."""
+    stall = tmp_path / "stall"
+    site = install_opsplug(tmp_path / "site")
+    extra = (f'\n[plugins]\nenable = ["opsplug"]\n[plugins.opsplug]\n'
+             f'stall_first_file = "{stall.as_posix()}"\n')
+    async with fresh_vhost() as vhost, open_broker(vhost.url()) as broker:
+        await broker.bind_archive(NAMES)
+        config = example_config(tmp_path, vhost.url(), extra=extra)
+        async with running(config, pythonpath=site) as daemon, \
+                chat(daemon.ws_port, "alice") as alice:
+            first = await alice.say("before")
+            stall.write_text("")
+            await alice.ws.send_message(named("in the window", "w-1"))
+            with trio.fail_after(10):  # another process's file: polled (see above)
+                while not stall.with_suffix(".stalled").exists():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            daemon.bridged.process.kill()
+            assert await daemon.bridged.wait() == -signal.SIGKILL
+        stall.unlink()
+
+        async with running(config, pythonpath=site, log_name="bridged-2.stderr") as daemon, \
+                chat(daemon.ws_port, "alice", f"since={first['eventId']}") as alice:
+            window = (await alice.next())["eventId"]  # replayed: stored by the reconcile
+            await alice.ws.send_message(named("in the window, resent", "w-1"))
+            again = await alice.next()
+            assert (again["eventId"], again["clientMsgId"]) == (window, "w-1")
+            assert again["message"][0]["text"] == "in the window"
+            got = await archived(broker, [first["eventId"], window])
+            assert await daemon.stop() == 0  # the drain publishes what the outbox holds
+            while (rest := await broker.conn.get(NAMES.archive)) is not None:
+                got.append(rest)
+    with sqlite3.connect(tmp_path / "state" / "history.sqlite3") as db:
+        rows = db.execute("SELECT event_id FROM events ORDER BY event_id").fetchall()
+    assert rows == [(first["eventId"],), (window,)]  # no second event in the history
+    assert set(first_seen(got)) == {first["eventId"], window}  # nor on the exchange,
+    assert [d.message_id for d in got].count(window) == 1  # where the retry is not routed
 
 
 async def test_two_legs_to_one_outbox_are_both_dropped_when_the_store_refuses(

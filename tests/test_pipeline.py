@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from bridge import (
+    CLIENT_MSG_RETRY,
     Accepted,
     ConfigError,
     ContractError,
@@ -65,6 +66,22 @@ async def test_message_flows_source_to_destination(bridge_config: MakeConfig) ->
         assert isinstance(outcome, Accepted)
         got = await mem(daemon, "b").received.receive()
         assert (got.body, got.chat_id, got.source) == ({"n": 1}, "c1", "a")
+
+
+async def test_a_recognised_retry_goes_back_to_its_source_only(
+        bridge_config: MakeConfig) -> None:
+    """A message marked ``CLIENT_MSG_RETRY`` (the original event again) is delivered only
+    to its source transport, on the routes that lead there: the others had it already."""
+    config = TWO + '[[routes]]\nname = "a-to-a"\nfrom = "a"\nto = ["a", "b"]\n'
+    async with run_bridge(bridge_config(config)) as daemon:
+        a, b = mem(daemon, "a"), mem(daemon, "b")
+        retry = await a.inject({"n": 1}, chat_id="c1", meta={CLIENT_MSG_RETRY: True})
+        assert isinstance(retry, Accepted)
+        assert (await a.received.receive()).body == {"n": 1}
+        assert b.received.statistics().current_buffer_used == 0  # delivered before settled
+        assert isinstance(await a.inject({"n": 2}, chat_id="c1"), Accepted)  # not a retry:
+        assert [(await b.received.receive()).body for _ in range(2)] == [{"n": 2}, {"n": 2}]
+        assert (await a.received.receive()).body == {"n": 2}
 
 
 class SyncAndAsync:

@@ -10,6 +10,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import trio
+from amqp_support import open_broker
+from e2e_support import NAMES, archived, chat, example_config, fresh_vhost, running
 from ws_support import chat_bridge, client, closed_with, receive
 
 
@@ -95,3 +98,29 @@ async def test_the_window_is_what_the_history_keeps(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "state" / "history.sqlite3") as db:
         assert db.execute("SELECT client_id, event_id FROM client_ids").fetchall() == [
             ("w-1", again["eventId"])]
+
+
+async def test_a_retry_goes_back_to_its_sender_only_not_to_the_exchange(
+        tmp_path: Path) -> None:
+    """The example config routes the chat to the AMQP exchange: a consumer there counts one
+    publish of the original event and none for the retry (nor does the other socket get
+    anything)."""
+    async with fresh_vhost() as vhost, open_broker(vhost.url()) as broker:
+        await broker.bind_archive(NAMES)
+        async with running(example_config(tmp_path, vhost.url())) as daemon, \
+                chat(daemon.ws_port, "alice") as alice, \
+                chat(daemon.ws_port, "alice") as watcher:
+            await alice.ws.send_message(named("hello", "r-1"))
+            echo = await alice.next()
+            assert (await watcher.next())["eventId"] == echo["eventId"]
+            await alice.ws.send_message(named("hello again", "r-1"))
+            again = await alice.next()
+            assert (again["eventId"], again["clientMsgId"]) == (echo["eventId"], "r-1")
+            marker = await alice.say("marker")  # after the retry, in every order there is
+            assert (await watcher.next())["eventId"] == marker["eventId"]
+            got = await archived(broker, [echo["eventId"], marker["eventId"]])
+            assert await daemon.stop() == 0  # the drain publishes what the outbox holds
+            with trio.fail_after(5):
+                while (rest := await broker.conn.get(NAMES.archive)) is not None:
+                    got.append(rest)
+    assert [d.message_id for d in got] == [echo["eventId"], marker["eventId"]]

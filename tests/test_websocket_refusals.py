@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from trio_websocket import ConnectionClosed, open_websocket
 from ws_support import MemoryHistory, chat_bridge, client, raw_handshake
 
 import bridge_plugins.websocket.server as server
-from bridge import CHAT_EVENT, Message
+from bridge import CHAT_EVENT, ContractError, Message, hookimpl
 
 SECRET = secrets.token_hex(32)
 AUTH = f"""
@@ -102,6 +103,35 @@ async def test_a_stale_since_is_readable(tmp_path: Path) -> None:
         assert text.startswith("since: ")
         assert b.metric("handshake_refusals_by_reason_total", reason="since_gone",
                         answer="close") == 1
+
+
+class EventIdsOnly:
+    """A third-party history that knows eventIds only: it refuses ``last:N`` as any other
+    since it does not know (bridge/hookspecs.py allows that)."""
+
+    @hookimpl
+    def bridge_replay_messages(self, chat_id: str, since: str) -> Sequence[Message]:
+        if since.startswith("last:"):
+            raise ContractError("since: must be an eventId", field="since", rule="pattern")
+        return []
+
+
+@pytest.mark.parametrize("history", ["refuses last", "none"])
+async def test_a_history_that_cannot_send_the_newest_events_is_a_refusal_of_last(
+        tmp_path: Path, history: str) -> None:
+    """Not of ``since``, which the client did not send: a client that answers a ``since:``
+    refusal by opening with ``last=N`` instead would loop."""
+    plugins = [EventIdsOnly()] if history == "refuses last" else []
+    async with chat_bridge(tmp_path, extra_plugins=plugins, disable=["history"]) as b:
+        code, text = await refused(b.port, "/v1/chats/alice?refusals=close&last=20")
+        assert (code, text[:6]) == (4400, "last: "), text
+        assert "since" not in text.split(";")[0]
+        status, body = await raw_handshake(b.port, "/v1/chats/alice?last=20")
+        assert (status, body[:6]) == (400, "last: ")
+        assert b.metric("handshake_refusals_by_reason_total", reason="last",
+                        answer="close") == 1
+        async with client(b.port, "alice", "last=0"):  # nothing asked of the history
+            pass
 
 
 async def test_capacity_refusals_are_readable_and_count_against_the_caps(

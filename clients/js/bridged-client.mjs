@@ -16,6 +16,7 @@ export function closeAction(code, reason = "") {
   if (code === 4001 || code === 4401) return "refresh";   // token expired / missing / invalid
   if (code === 4410) return "drop-since";                  // since older than what is kept
   if (code === 4400 && reason.startsWith("since:")) return "drop-since";
+  if (code === 4400 && reason.startsWith("last:")) return "drop-last";  // no newest events
   if (code === 4400 || code === 4403 || code === 4404) return "give-up";
   if (code === 4429 || code === 4503 || code === 4500) return "back-off";
   if (code === 1008 && reason === "rate limit exceeded") return "back-off";
@@ -81,6 +82,9 @@ export class BridgedClient extends EventTarget {
     this._bucket = { tokens: 0, at: 0 };
     this._watchdog = null;
     this._stopped = false;
+    this._opening = false;       // an _open is waiting for its token
+    this._askedSince = false;    // the current socket was opened with since
+    this._noLast = false;        // the history cannot send the newest events: never ask
   }
 
   // ----------------------------------------------------------------- public
@@ -110,36 +114,62 @@ export class BridgedClient extends EventTarget {
   // ----------------------------------------------------------------- connection
 
   async _open() {
-    if (this._stopped) return;
+    if (this._stopped || this._opening) return;   // one socket at a time: never two opens
+    this._opening = true;
     this._setState("connecting");
     try {
       this.token = await this.getToken(false);
     } catch (err) {
       this._emit("error", { error: String(err) });
       return this._retry("back-off");
+    } finally {
+      this._opening = false;
     }
+    if (this._stopped) return;
+    this._detach("replaced");     // none is left by now; if one were, it would go first
     const query = new URLSearchParams({ refusals: "close", hello: "true", marks: "true",
                                         encoding: this.encoding });
     if (this.heartbeat) query.set("heartbeat", "true");
     if (this.lastEventId) query.set("since", this.lastEventId);
-    else if (this.last > 0) query.set("last", String(this.last));
+    else if (this.last > 0 && !this._noLast) query.set("last", String(this.last));
     const protocols = [this.encoding];
     if (this.token) protocols.push(`bearer.${this.token}`);
     const ws = new WebSocket(`${this.url}/v1/chats/${encodeURIComponent(this.chatId)}?${query}`,
                              protocols);
     ws.binaryType = "arraybuffer";
     this._ws = ws;
+    this._askedSince = query.has("since");
     this._sequence = -1;
     this._live = false;
+    // every handler checks that its socket is still the current one: a replaced socket's
+    // late events must not touch the new one's state (or open a third)
     ws.onopen = () => {
+      if (ws !== this._ws) return;
       // not attempt = 0 here: a readable refusal opens too, then closes before any frame
       this._setState("open");
       this._emit("open", { extensions: ws.extensions, protocol: ws.protocol });
       this._scheduleRefresh();
       this._pet(10);
     };
-    ws.onmessage = (m) => this._onFrame(m.data);
+    ws.onmessage = (m) => {
+      if (ws === this._ws) this._onFrame(m.data);
+    };
     ws.onclose = (e) => this._onClose(ws, e.code, e.reason);
+  }
+
+  /** Let the current socket go without hearing from it again (its handlers are detached);
+   *  what it did not echo is sent again on the next one. */
+  _detach(reason) {
+    const ws = this._ws;
+    if (!ws) return;
+    this._ws = null;
+    this._live = false;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    clearTimeout(this._watchdog);
+    for (const entry of this.outbox) entry.sentAt = 0;
+    if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) {
+      ws.close(1000, reason);
+    }
   }
 
   _onClose(ws, code, reason) {
@@ -147,7 +177,11 @@ export class BridgedClient extends EventTarget {
     this._ws = null;
     this._clearTimers();
     for (const entry of this.outbox) entry.sentAt = 0;   // not echoed: resend on the next socket
-    const action = closeAction(code, reason);
+    let action = closeAction(code, reason);
+    // an older server names since when its history refuses last: dropping since would ask
+    // for last again, in a loop
+    if (action === "drop-since" && !this._askedSince) action = "drop-last";
+    if (action === "drop-last" && this._noLast) action = "give-up";   // asked for neither
     this._emit("close", { code, reason, action });
     if (this._stopped) return;
     if (action === "give-up") {
@@ -158,6 +192,10 @@ export class BridgedClient extends EventTarget {
     if (action === "drop-since") {
       this._forget();
       this._emit("gap", { code, reason });
+      return this._retry("now");
+    }
+    if (action === "drop-last") {   // the history cannot send the newest events: live only
+      this._noLast = true;
       return this._retry("now");
     }
     if (action === "refresh") {
@@ -186,6 +224,7 @@ export class BridgedClient extends EventTarget {
     const exp = this.token ? tokenExpiry(this.token) : null;
     if (exp === null) return;
     const inMs = (exp - this.refreshBeforeS) * 1000 - Date.now();
+    const ws = this._ws;
     // reconnect with a fresh token before the old one expires (the server would close 4001)
     this._later(Math.max(inMs, 1000), async () => {
       try {
@@ -193,8 +232,9 @@ export class BridgedClient extends EventTarget {
       } catch (err) {
         this._emit("error", { error: String(err) });
       }
+      if (this._stopped || ws !== this._ws) return;   // closed or replaced meanwhile
       this._emit("refresh", {});
-      this._ws?.close(1000, "token refresh");
+      this._detach("token refresh");   // its close is not ours to answer: one socket
       this.attempt = 0;
       this._retry("now");
     });

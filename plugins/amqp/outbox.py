@@ -66,14 +66,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     content_type TEXT NOT NULL,
     message_id TEXT NOT NULL,
     headers TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    client_msg_id TEXT
 )
 """
+#: Outboxes made before client message ids were kept get the column at open.
+_ADD_CLIENT_MSG_ID = "ALTER TABLE outbox ADD COLUMN client_msg_id TEXT"
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One spooled message; ``seq`` orders entries (0 until stored)."""
+    """One spooled message; ``seq`` orders entries (0 until stored). ``client_msg_id`` is
+    the event's client message id (``bridge.CLIENT_MSG_ID``): kept for the reconcile after a
+    crash, which stores the event again, and never published."""
 
     exchange: str
     routing_key: str
@@ -82,6 +87,7 @@ class Entry:
     headers: Mapping[str, Any]
     body: bytes
     seq: int = 0
+    client_msg_id: str | None = None
 
 
 class SpoolFull(DeliveryError, StorageUnavailable):
@@ -120,6 +126,9 @@ class Spool:
                 new = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'released'"
                                  ).fetchone() == (0,)
                 db.executescript(_SCHEMA)
+                columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+                if "client_msg_id" not in columns:
+                    db.execute(_ADD_CLIENT_MSG_ID)
                 (depth,) = db.execute("SELECT count(*) FROM outbox").fetchone()
                 row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
                                  ).fetchone()  # AUTOINCREMENT: seqs are never reused
@@ -167,14 +176,17 @@ class Spool:
         def run() -> tuple[list[Entry], int]:  # seqs are handed out here, one after another
             first = self._last_seq + 1
             stored = [Entry(e.exchange, e.routing_key, e.content_type, e.message_id,
-                            e.headers, e.body, seq) for seq, e in enumerate(entries, first)]
+                            e.headers, e.body, seq, e.client_msg_id)
+                      for seq, e in enumerate(entries, first)]
             try:
                 with self._transaction():
                     self._db.executemany(
                         "INSERT INTO outbox (seq, exchange, routing_key, content_type,"
-                        " message_id, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        " message_id, headers, body, client_msg_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         [(e.seq, e.exchange, e.routing_key, e.content_type, e.message_id, h,
-                          e.body) for e, h in zip(stored, headers, strict=True)])
+                          e.body, e.client_msg_id)
+                         for e, h in zip(stored, headers, strict=True)])
                     release = not hold and self._through == first - 1  # nothing held
                     if release:
                         self._db.execute("UPDATE released SET through = ?", (stored[-1].seq,))
@@ -263,10 +275,10 @@ class Spool:
     async def _read_file(self, after: int, limit: int) -> list[Entry]:
         def run() -> list[Entry]:
             cur = self._db.execute(
-                "SELECT seq, exchange, routing_key, content_type, message_id, headers, body"
-                " FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
-            return [Entry(ex, rk, ct, mid, json.loads(h), bytes(b), seq)
-                    for seq, ex, rk, ct, mid, h, b in cur]
+                "SELECT seq, exchange, routing_key, content_type, message_id, headers, body,"
+                " client_msg_id FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+            return [Entry(ex, rk, ct, mid, json.loads(h), bytes(b), seq, cid)
+                    for seq, ex, rk, ct, mid, h, b, cid in cur]
 
         result: list[Entry] = await self._worker.run(run)
         return result

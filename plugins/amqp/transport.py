@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import trio
 
 from bridge import (
+    CLIENT_MSG_ID,
     Accepted,
     DecodeError,
     DeliveryError,
@@ -371,13 +372,14 @@ class AmqpTransport:
 
     def _message(self, e: Entry) -> Message:
         """The message an outbox entry was made from (for the history: its kind, chat id,
-        id and body)."""
+        id, body and client message id)."""
         chat_id = e.headers.get(CHAT_ID_HEADER)
         hops = e.headers.get(HOPS_HEADER, 1)
+        meta = {CLIENT_MSG_ID: e.client_msg_id} if e.client_msg_id else {}
         return Message(str(e.headers.get(KIND_HEADER, "")),
                        self.ctx.codec(e.content_type).decode(e.body), self.name, e.message_id,
                        chat_id if isinstance(chat_id, str) else None,
-                       hops - 1 if isinstance(hops, int) and hops > 0 else 0)
+                       hops - 1 if isinstance(hops, int) and hops > 0 else 0, meta)
 
     def _entry(self, message: Message) -> Entry:
         s = self.settings
@@ -393,8 +395,10 @@ class AmqpTransport:
         headers: dict[str, Any] = {HOPS_HEADER: message.hops + 1, KIND_HEADER: message.kind}
         if message.chat_id is not None:
             headers[CHAT_ID_HEADER] = message.chat_id
+        client_id = message.meta.get(CLIENT_MSG_ID)
         return Entry(s.exchange, key, codec.content_type, message.id, headers,
-                     codec.encode(message.body))
+                     codec.encode(message.body),
+                     client_msg_id=client_id if isinstance(client_id, str) else None)
 
     async def publish_confirmed(self, messages: Sequence[Message]) -> None:
         """Publish ``messages`` now, in order, and return once the broker has confirmed every

@@ -39,6 +39,8 @@ import trio
 
 from bridge import (
     CHAT_EVENT,
+    CLIENT_MSG_ID,
+    CLIENT_MSG_RETRY,
     ContractError,
     Message,
     PluginContext,
@@ -53,14 +55,12 @@ from bridge import (
 
 from .backplane import Backplane
 from .db import Database
-from .fronts import RETRY_OF, ChatFront, OutboxFront
+from .fronts import ChatFront, OutboxFront
 from .sequencer import Sequencer
 from .store import ClusterStore, NewEvent, StoredEvent, parse_event_id
 
 log = logging.getLogger("bridge.cluster")
 
-#: ``Message.meta`` key of a client message id (plugins/history.py, the websocket transport)
-CLIENT_MSG_ID = "client_msg_id"
 #: ``since`` forms (bridge/hookspecs.py)
 LAST = re.compile(r"last:([0-9]{1,6})", re.ASCII)
 ANY_EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
@@ -190,7 +190,7 @@ class Plugin:
                                       destinations: Sequence[tuple[str, ...]]
                                       ) -> list[Message] | None:
         picked = [(i, m) for i, m in enumerate(messages)
-                  if m.kind == CHAT_EVENT and m.chat_id and not m.meta.get(RETRY_OF)]
+                  if m.kind == CHAT_EVENT and m.chat_id and not m.meta.get(CLIENT_MSG_RETRY)]
         if not picked:
             return None
         amqp = frozenset(self.outboxes)
@@ -200,7 +200,7 @@ class Plugin:
         stored = await self._writer().run(lambda store: store.append(new))
         out = list(messages)
         for (i, m), event in zip(picked, stored, strict=True):
-            meta = {**m.meta, RETRY_OF: True} if event.duplicate else m.meta
+            meta = {**m.meta, CLIENT_MSG_RETRY: True} if event.duplicate else m.meta
             out[i] = m.evolve(id=event.event_id, body=event.body, meta=meta)
         if any(not e.duplicate and e_new.outboxes for e, e_new in zip(stored, new, strict=True)):
             self.outbox_wake()

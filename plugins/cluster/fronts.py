@@ -21,16 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from bridge import CHAT_EVENT, Health, Message, TransportContext
+from bridge import CHAT_EVENT, CLIENT_MSG_RETRY, Health, Message, TransportContext
 
 if TYPE_CHECKING:
     from . import Plugin
 
 log = logging.getLogger("bridge.cluster")
-
-#: ``Message.meta`` key of a retried client message id (plugins/history.py)
-RETRY_OF = "client_msg_retry"
-
 
 class _Front:
     def __init__(self, inner: Any, plugin: Plugin) -> None:
@@ -65,8 +61,8 @@ class ChatFront(_Front):
             task_status.started()
 
     async def deliver(self, messages: Sequence[Message]) -> None:
-        events = [m for m in messages if m.kind == CHAT_EVENT and not m.meta.get(RETRY_OF)]
-        retries = [m for m in messages if m.kind == CHAT_EVENT and m.meta.get(RETRY_OF)]
+        events = [m for m in messages if m.kind == CHAT_EVENT and not m.meta.get(CLIENT_MSG_RETRY)]
+        retries = [m for m in messages if m.kind == CHAT_EVENT and m.meta.get(CLIENT_MSG_RETRY)]
         if len(events) + len(retries) < len(messages):  # what the transport refuses
             await self.inner.deliver([m for m in messages if m.kind != CHAT_EVENT])
         if events:

@@ -32,7 +32,7 @@ class Refusal(Exception):
     def __init__(self, status: int, reason: str, kind: str = "request") -> None:
         self.status = status
         self.reason = reason
-        self.kind = kind  # path, request, since, since_gone, origin, token, forbidden, ...
+        self.kind = kind  # path, request, since, since_gone, last, origin, token, ...
         super().__init__(f"{status} {reason}")
 
 

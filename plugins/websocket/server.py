@@ -56,6 +56,8 @@ from bridge import (
     StorageUnavailable,
     TransportContext,
 )
+from bridge import CLIENT_MSG_ID as META_CLIENT_ID
+from bridge import CLIENT_MSG_RETRY as META_RETRY
 
 from .framing import Framer, JsonFramer, MsgpackFramer
 from .handshake import (
@@ -85,7 +87,6 @@ FRAMERS: dict[str, Callable[[Any], Framer]] = {"json": JsonFramer, "msgpack": Ms
 #: puts on a retry it recognised (the message is then the original event; plugins/history.py).
 CLIENT_MSG_ID = "clientMsgId"
 CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-META_CLIENT_ID, META_RETRY = "client_msg_id", "client_msg_retry"
 #: With ``marks=true``: the key on replayed updates, and the frame between replay and live.
 REPLAYED, REPLAY_END = "replayed", "replay_end"
 #: With ``hello=true``: the first frame on the socket.
@@ -496,6 +497,9 @@ class WebSocketTransport:
             raise Refusal(410, f"since: {e}; reconnect without since for live events",
                           "since_gone") from None
         except ContractError as e:
+            if chat.last is not None:  # the client sent last, not since: name what it sent
+                raise Refusal(400, "last: the history cannot send the newest events; open"
+                              f" without last ({reason_for(e)})", "last") from None
             raise Refusal(400, reason_for(e), "since") from None
         except StorageUnavailable as e:
             log.warning("%s: replay for chat %s: %s", self.name, chat.chat_id, e)
