@@ -303,10 +303,14 @@ class Plugin:
     async def _drain_outbox_forever(self) -> None:
         s = self.settings
         while True:
+            was = self.leading
             try:
                 self.leading = await self._reader().run(lambda st: st.try_lead())
             except StorageUnavailable:
                 self.leading = False
+            if self.leading != was:
+                log.info("cluster: this instance %s the outbox",
+                         "drains" if self.leading else "no longer drains")
             if not self.leading:
                 await trio.sleep(s.outbox_poll_s)
                 continue
