@@ -99,6 +99,44 @@ def install_commands() -> tuple[list[str], str]:
     return build, script
 
 
+CLUSTER_DOCS = REPO / "docs" / "cluster.md"
+
+
+def cluster_install_script() -> str:
+    """Steps 1-2 of docs/operations.md (the user, the virtualenv from the wheelhouse), then
+    steps 3-6 of docs/cluster.md (the cluster config, two credentials, the template unit,
+    ``enable --now bridged@1 bridged@2``), as one script for root in the container."""
+    steps = install_commands()[1]
+    common = steps.split("# 3.", 1)[0]
+    assert "useradd" in common, common
+    assert "--find-links" in common, common
+    blocks = _sh_blocks(CLUSTER_DOCS.read_text())
+    cluster = next(b for b in blocks if "systemd/bridged@.service" in b and "# 3." in b)
+    return common + re.sub(r"\bsudo ", "", cluster)
+
+
+def free_port_run(count: int) -> int:
+    """A base port B such that B+1 .. B+count are free on the host's loopback now (the admin
+    listeners of instances 1..count with ``port_per_instance``)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for n in range(1, count + 1):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", base + n))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError(f"no run of {count} free ports")
+
+
 @dataclass
 class Machine:
     """A booted container; :meth:`sh` runs a bash script in it as root."""
@@ -122,9 +160,9 @@ class Machine:
     def out(self, script: str, *, timeout: float = 60) -> str:
         return self.sh(script, timeout=timeout).stdout.strip()
 
-    def show(self, *properties: str) -> dict[str, str]:
-        """``systemctl show bridged`` properties."""
-        text = self.out(f"systemctl show bridged -p {','.join(properties)}")
+    def show(self, *properties: str, unit: str = "bridged") -> dict[str, str]:
+        """``systemctl show UNIT`` properties."""
+        text = self.out(f"systemctl show {unit} -p {','.join(properties)}")
         return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
     def write(self, path: str, text: str) -> None:
