@@ -20,8 +20,9 @@ run's own. The parts, each with its baseline in the same interleaved rounds:
 
 1. **cluster vs single** (one cluster instance against one single process):
    ``fanout``: one chat, ``--fanout-sockets`` receiving sockets in ``--fanout-procs``
-   processes plus one sender socket (at most ``--window`` updates not yet echoed);
-   deliveries/s = events x sockets / (first send -> last receipt).
+   processes (split over the instances in part 2) plus one sender socket (at most
+   ``--window`` updates not yet echoed); deliveries/s = events x sockets / (first send ->
+   last receipt).
    ``ws->amqp``: ``--procs`` x ``--sockets`` sockets (a chat each, echoes read) send ``--n``
    updates as fast as the server reads them; a consumer of the bench's own, on a queue
    bound to the ``chat`` exchange (``#``), counts them; msgs/s = n / (first send -> n-th
@@ -32,7 +33,8 @@ run's own. The parts, each with its baseline in the same interleaved rounds:
    Each with the daemon's CPU in microseconds per message (per delivery for fan-out).
 2. **two instances vs one** (cluster mode): the fan-out job with its receiving sockets split
    over two instances and a sender on each, against all of them and both senders on one
-   instance; deliveries/s, and each process's CPU share (1.0 = one core).
+   instance; deliveries/s, and each process's CPU share (1.0 = one core). Each sender sends
+   half the events, at most ``--window`` of its own unechoed.
 3. **cross-instance latency** at ``--rate`` msg/s for ``--seconds`` (a paced sender, as
    bench/latency.py): two instances, the sender and one receiver on instance 1
    (same-instance), one receiver on instance 2 (cross-instance); p50/p99 of both, and the
@@ -47,7 +49,10 @@ run's own. The parts, each with its baseline in the same interleaved rounds:
 
     .venv/bin/python bench/cluster.py [--rounds 3] [--parts 1,2,3,4] [--quick]
 
-``--quick`` is a smoke test (small counts, one round): not figures to quote.
+About 7 minutes with the defaults on the 2-vCPU development VM (part 4 alone is 100,000
+events at 1,000/s: about 2 minutes). ``--quick`` is a smoke test (small counts, one round,
+under a minute): not figures to quote. Needs PostgreSQL (127.0.0.1:5432, database ``test``,
+trust) and ``rabbitmqctl`` on the path.
 """
 
 from __future__ import annotations
@@ -278,9 +283,9 @@ def fanout_job(args: argparse.Namespace, targets: Sequence[Node], split: Sequenc
     chat = unique("room")
     total = args.fanout_events // len(sender_at) * len(sender_at)
     cmds = []
+    procs = max(1, args.fanout_procs // len(targets))  # the same client processes in all
     for node, count in zip(targets, split, strict=True):
-        per = [count // args.fanout_procs + (1 if i < count % args.fanout_procs else 0)
-               for i in range(args.fanout_procs)]
+        per = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
         cmds += [worker_cmd(__file__, "receivers", spec=json.dumps(
             {"port": node.port, "chat": chat, "count": k, "events": total})) for k in per if k]
     for k, j in enumerate(sender_at):
@@ -673,7 +678,7 @@ def main() -> None:
                                                      for k, v in QUICK.items()))
     p.add_argument("--fanout-sockets", type=int, default=500, help="receiving sockets")
     p.add_argument("--fanout-procs", type=int, default=2,
-                   help="receiving client processes per instance")
+                   help="receiving client processes in all (split over the instances)")
     p.add_argument("--fanout-events", type=int, default=400, help="events per fan-out run")
     p.add_argument("--window", type=int, default=32, help="updates in flight per sender")
     p.add_argument("--n", type=int, default=20000, help="messages per WS->AMQP / AMQP->WS run")

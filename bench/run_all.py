@@ -1,7 +1,7 @@
 """Every scenario of BENCHMARKS.md in one go, each with its default settings (about 20-25
-minutes on the 2-vCPU development VM for scenarios 1-7, plus about 20 for the cluster scenario,
-which needs PostgreSQL). Each scenario prints its own table and writes its
-JSON to bench/results/; this prints which files were written.
+minutes on the 2-vCPU development VM for scenarios 1-7, plus about 7 for the cluster
+scenario, which needs PostgreSQL). Each scenario prints its own table and writes its JSON to
+bench/results/; this prints which files were written.
 
     .venv/bin/python bench/run_all.py [--only ws_to_amqp,fanout] [--quick]
 
