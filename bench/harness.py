@@ -298,13 +298,15 @@ def stop_spy(spy: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def daemon(config: str, *, wait: str = "ready", port: int | None = None,
-           profile: str | None = None, timeout: float = 60) -> Iterator[Daemon]:
+           profile: str | None = None, timeout: float = 60,
+           env: Mapping[str, str] | None = None) -> Iterator[Daemon]:
     """Run ``bridged run`` on ``config`` (TOML; ``{state}`` is replaced by a fresh folder).
 
     ``wait="ready"`` returns at ``READY=1`` on the notify socket; ``wait="port"`` as soon as
     ``port`` accepts connections (for configs that are deliberately not ready yet).
     ``profile`` runs the daemon under ``py-spy record`` writing that file (collapsed
-    stacks, per thread; summarise with bench/pyspy_top.py)."""
+    stacks, per thread; summarise with bench/pyspy_top.py). ``env`` adds to the daemon's
+    environment (e.g. ``BRIDGED_INSTANCE`` for a cluster instance)."""
     with tempfile.TemporaryDirectory(prefix="bridged-bench-") as tmp:
         directory = Path(tmp)
         path = directory / "bridged.toml"
@@ -317,10 +319,10 @@ def daemon(config: str, *, wait: str = "ready", port: int | None = None,
         cmd += os.environ.get("BENCH_DAEMON_MAIN", "-m bridge").split()[1:]
         cmd += ["run", "-c", str(path)]
         spy: subprocess.Popen[bytes] | None = None
-        env = dict(os.environ, NOTIFY_SOCKET="@" + name)
+        environ = dict(os.environ, **(env or {}), NOTIFY_SOCKET="@" + name)
         with open(log, "wb") as logf:
             t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, env=environ, stdout=logf, stderr=subprocess.STDOUT)
         try:
             if wait == "ready":
                 notify.settimeout(timeout)

@@ -1,6 +1,7 @@
 """Every scenario of BENCHMARKS.md in one go, each with its default settings (about 20-25
-minutes on the 2-vCPU development VM). Each scenario prints its own table and writes its
-JSON to bench/results/; this prints which files were written.
+minutes on the 2-vCPU development VM for scenarios 1-7, plus about 7 for the cluster
+scenario, which needs PostgreSQL). Each scenario prints its own table and writes its JSON to
+bench/results/; this prints which files were written.
 
     .venv/bin/python bench/run_all.py [--only ws_to_amqp,fanout] [--quick]
 
@@ -27,6 +28,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
                          "--rounds", "1"]),
     "latency": ([], ["--seconds", "3", "--rounds", "1"]),
     "lifecycle": ([], ["--rounds", "1"]),
+    # needs PostgreSQL (127.0.0.1:5432, database test) and rabbitmqctl (a vhost per run)
+    "cluster": ([], ["--quick"]),
 }
 
 
