@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.lowlevel
@@ -20,7 +21,7 @@ CHATS = ["c-alpha", "c-beta", "c-gamma"]
 PER_SENDER = 20
 
 
-async def collect(client: ChatClient, n: int, into: list[dict[str, object]]) -> None:
+async def collect(client: ChatClient, n: int, into: list[dict[str, Any]]) -> None:
     """The next ``n`` updates of ``client`` (its socket_sequence checked on the way)."""
     while len(into) < n:
         frame = await client.next()
@@ -47,7 +48,7 @@ async def test_three_instances_one_order(tmp_path: Path) -> None:
                     senders.append((name, chat_id, client))
             assert len({(n, c) for n, c, _ in senders}) == 9
             total = PER_SENDER * len(INSTANCES)
-            got: dict[int, list[dict[str, object]]] = {id(s): [] for c in CHATS
+            got: dict[int, list[dict[str, Any]]] = {id(s): [] for c in CHATS
                                                         for s in sockets[c]}
 
             async def send_all(name: str, chat_id: str, client: ChatClient) -> None:
