@@ -155,3 +155,46 @@ async def test_a_join_that_cannot_read_the_head_fails_and_is_forgotten() -> None
     seq._head = store.head
     await seq.join("c")
     assert seq.wants("c")
+
+
+async def test_a_join_cancelled_while_reading_the_head_is_forgotten() -> None:
+    """A handshake's deadline cancels the first join of a chat: the chat is not left half
+    joined (waiters refused, events held without end), the next join starts afresh."""
+    store = Committed()
+    seq = sequencer(store)
+    release = trio.Event()
+
+    async def slow(chat: str) -> tuple[int, int] | None:
+        await release.wait()
+        return await store.head(chat)
+
+    seq._head = slow
+    refused: list[str] = []
+
+    async def second() -> None:
+        try:
+            await seq.join("c")
+        except Exception as e:
+            refused.append(type(e).__name__)
+
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(0.05):
+            nursery.start_soon(second)
+            await seq.join("c")
+    assert refused == ["StorageUnavailable"]
+    assert not seq.wants("c")
+    await seq.offer(store.commit("c", 1))  # nobody holds it
+    seq._head = store.head
+    await seq.join("c")
+    await seq.offer(store.commit("c", 1))
+    assert store.delivered == ["c:2"]
+
+
+async def test_events_of_another_epoch_wait_for_the_head_check() -> None:
+    store = Committed()
+    seq = sequencer(store)
+    await seq.join("c")
+    await seq.offer(store.commit("c", 1))
+    await seq.offer([ev(1, epoch=EPOCH + 1)])  # a late message of a reset chat: ignored
+    await seq.offer(store.commit("c", 1))
+    assert store.delivered == ["c:1", "c:2"]

@@ -77,6 +77,7 @@ class AmqpTransport:
         self._established = False
         self._consumer: Consumer | None = None
         self._direct: Publisher | None = None  # publish_confirmed's channel, while connected
+        self._conn: Connection | None = None  # the session's connection
         self._direct_lock = trio.Lock()
         self._last_error = "not connected yet"
         self._changed = trio.Event()  # fired on spool and connection changes
@@ -96,6 +97,11 @@ class AmqpTransport:
         self._tls = TlsOptions(
             ca_file=_path(settings.tls_ca_file), cert_file=_path(settings.tls_cert_file),
             key_file=_path(settings.tls_key_file), verify=settings.tls_verify)
+
+    @property
+    def tls(self) -> TlsOptions:
+        """The TLS options of the broker connection (cluster mode's backplane uses them)."""
+        return self._tls
 
     @property
     def ctx(self) -> TransportContext:
@@ -259,6 +265,7 @@ class AmqpTransport:
         try:
             await self._declare(conn)
             publisher = await conn.open_publisher(s.publish_window)
+            self._conn = conn
             self._direct = await conn.open_publisher(s.publish_window)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.wait_lost)
@@ -278,6 +285,7 @@ class AmqpTransport:
             self._connected = False
             self._consumer = None
             self._direct = None
+            self._conn = None
             self._fire()
             await conn.close(s.close_timeout_s)
 
@@ -402,25 +410,38 @@ class AmqpTransport:
 
     async def publish_confirmed(self, messages: Sequence[Message]) -> None:
         """Publish ``messages`` now, in order, and return once the broker has confirmed every
-        one; raise (:class:`ConnectionError`) when it is not connected or does not confirm
-        them all. The spool is not used: the caller keeps them until this returns (cluster
-        mode's outbox in PostgreSQL)."""
+        one; raise (:class:`ConnectionError`) when it is not connected, refuses one, or does
+        not answer within ``connect_timeout_s``. The spool is not used: the caller keeps them
+        until this returns (cluster mode's outbox in PostgreSQL). After a failure the next
+        call gets a new channel, so no answer meant for this call is taken for its own."""
         entries = [self._entry(m) for m in messages]
         async with self._direct_lock:
+            if self._direct is None and self._connected and self._conn is not None:
+                self._direct = await self._conn.open_publisher(self.settings.publish_window)
             publisher = self._direct
             if publisher is None or not self._connected:
                 raise ConnectionError(f"{self.name}: not connected to the broker")
-            await publisher.publish([
-                Outgoing(e.exchange, e.routing_key, e.body,
-                         Properties(e.content_type, e.message_id, True, e.headers), i)
-                for i, e in enumerate(entries)])
-            waiting = set(range(len(entries)))
-            while waiting:
-                for c in await publisher.confirms():
-                    if not c.ok:
-                        raise PublishFailed(f"{self.name}: publish of {messages[c.token].id}"
-                                            f" failed: {c.reason}")
-                    waiting.discard(c.token)
+            ok = False
+            try:
+                with trio.fail_after(self.settings.connect_timeout_s):
+                    await publisher.publish([
+                        Outgoing(e.exchange, e.routing_key, e.body,
+                                 Properties(e.content_type, e.message_id, True, e.headers), i)
+                        for i, e in enumerate(entries)])
+                    waiting = set(range(len(entries)))
+                    while waiting:
+                        for c in await publisher.confirms():
+                            if not c.ok:
+                                raise PublishFailed(f"{self.name}: publish of"
+                                                    f" {messages[c.token].id} failed: {c.reason}")
+                            waiting.discard(c.token)
+                ok = True
+            except trio.TooSlowError:
+                raise PublishFailed(f"{self.name}: the broker did not confirm within"
+                                    f" {self.settings.connect_timeout_s} s") from None
+            finally:
+                if not ok and self._direct is publisher:
+                    self._direct = None  # its unanswered confirms die with it
         self.ctx.count("published_total", len(entries))
 
     async def _publish(self, publisher: Publisher) -> None:

@@ -35,7 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import trio
+from psycopg.conninfo import conninfo_to_dict
 
 from bridge import (
     CHAT_EVENT,
@@ -57,7 +59,7 @@ from .backplane import Backplane
 from .db import Database
 from .fronts import ChatFront, OutboxFront
 from .sequencer import Sequencer
-from .store import ClusterStore, NewEvent, StoredEvent, parse_event_id
+from .store import ClusterStore, NewEvent, OutboxRow, StoredEvent, parse_event_id
 
 log = logging.getLogger("bridge.cluster")
 
@@ -72,10 +74,19 @@ def _schema_name(v: Any) -> str | None:
     return None if _SCHEMA_NAME.fullmatch(v) else "must be a lower-case SQL identifier"
 
 
+def _database_url(v: Any) -> str | None:
+    """A ``setting`` check: libpq must be able to parse the URL (or key=value string)."""
+    try:
+        conninfo_to_dict(str(v))
+    except psycopg.ProgrammingError as e:
+        return f"not a PostgreSQL connection string: {e}"
+    return None
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     database_url: Secret = setting(
-        Secret("postgresql://postgres@127.0.0.1:5432/test"),
+        Secret("postgresql://postgres@127.0.0.1:5432/test"), check=_database_url,
         doc="PostgreSQL URL; database_url_file / _env / _credential keep the password out")
     schema: str = setting("bridged", check=_schema_name,
                           doc="the schema of the history tables (created if absent)")
@@ -245,7 +256,7 @@ class Plugin:
         amqp = self._backplane_transport()
         self.backplane = Backplane(
             instance=f"{self.instance}/{secrets.token_hex(4)}",
-            url=str(amqp.settings.url), tls=getattr(amqp, "_tls", None),
+            url=str(amqp.settings.url), tls=amqp.tls,
             exchange=s.exchange, max_length=s.backplane_queue_max,
             wants=self.sequencer.wants, arrived=self._arrived,
             connected=self.sequencer.check_heads, count=self._count_plain,
@@ -306,7 +317,8 @@ class Plugin:
             was = self.leading
             try:
                 self.leading = await self._reader().run(lambda st: st.try_lead())
-            except StorageUnavailable:
+            except Exception as e:  # the database is away: someone else may lead meanwhile
+                log.debug("cluster: outbox lock not checked: %s", e)
                 self.leading = False
             if self.leading != was:
                 log.info("cluster: this instance %s the outbox",
@@ -355,9 +367,12 @@ class Plugin:
         return True
 
     @staticmethod
-    def _outgoing(event: StoredEvent, row: Any) -> Message:
-        return Message(CHAT_EVENT, event.body, getattr(row, "source", "") or "cluster",
-                       event.event_id, event.chat_id)
+    def _outgoing(event: StoredEvent, row: OutboxRow) -> Message:
+        """The message an outbox row publishes: its event, from the transport it came from
+        (the routing key may name it). The store keeps no hop count: what is published
+        carries hop 1, as a client update does in single-process mode."""
+        return Message(CHAT_EVENT, event.body, row.source or "cluster", event.event_id,
+                       event.chat_id)
 
     # ------------------------------------------------------------------ upkeep
 

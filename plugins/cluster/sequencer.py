@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from bridge import Message
+from bridge import Message, StorageUnavailable
 
 from .store import parse_event_id
 
@@ -56,7 +56,7 @@ class _Chat:
     held: dict[int, Message] = field(default_factory=dict)
     held_since: float = 0.0  # when the current hole was first seen
     joined: trio.Event = field(default_factory=trio.Event)
-    failed: BaseException | None = None
+    failed: str | None = None  # why the first join could not read the head
     repairing: bool = False
 
 
@@ -93,26 +93,27 @@ class Sequencer:
         if chat is not None:
             await chat.joined.wait()
             if chat.failed is not None:
-                raise chat.failed
+                raise StorageUnavailable(f"cluster: chat {chat_id}: {chat.failed}")
             return
         chat = self._chats[chat_id] = _Chat()
         try:
             head = await self._head(chat_id)
-        except BaseException as e:
-            chat.failed = e
-            if self._chats.get(chat_id) is chat:
-                del self._chats[chat_id]
-            chat.joined.set()
+            async with self._lock:
+                chat.epoch, last = head if head is not None else (0, 0)
+                chat.next = last + 1
+                early = sorted(chat.held.items())
+                chat.held.clear()
+                chat.joined.set()
+                out = self._accept(chat, (m for _, m in early))
+                if out:
+                    await self._deliver(out)
+        except BaseException as e:  # cancelled too (the handshake's deadline): not joined
+            if not chat.joined.is_set():
+                chat.failed = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if self._chats.get(chat_id) is chat:
+                    del self._chats[chat_id]
+                chat.joined.set()  # the sockets waiting for this join are refused
             raise
-        async with self._lock:
-            chat.epoch, last = head if head is not None else (0, 0)
-            chat.next = last + 1
-            early = sorted(chat.held.items())
-            chat.held.clear()
-            chat.joined.set()
-            out = self._accept(chat, (m for _, m in early))
-            if out:
-                await self._deliver(out)
 
     def leave(self, chat_id: str) -> None:
         """The last socket of ``chat_id`` has gone."""
@@ -139,7 +140,7 @@ class Sequencer:
         if not chat.joined.is_set():  # reading the head: hold everything until it is known
             for m in events:
                 parsed = parse_event_id(m.id)
-                if parsed is not None:
+                if parsed is not None and len(chat.held) < MAX_HELD:
                     chat.held[parsed[1]] = m
             return []
         for m in events:
@@ -150,14 +151,13 @@ class Sequencer:
                 continue
             epoch, offset = parsed
             if epoch != chat.epoch:
-                if chat.epoch and offset != 1:
-                    # the chat was reset (a new epoch): what follows starts at offset 1
-                    log.warning("cluster: chat %s moved from epoch %d to %d", m.chat_id,
-                                chat.epoch, epoch)
-                chat.epoch, chat.next = epoch, 1
-                chat.held.clear()
+                if chat.epoch:  # another epoch (the chat was reset): the head check decides
+                    continue
+                chat.epoch, chat.next = epoch, 1  # the chat's first events
             if offset >= chat.next:
                 chat.held[offset] = m
+        while len(chat.held) > MAX_HELD:  # the newest go: the repair reads them again
+            del chat.held[max(chat.held)]
         out: list[Message] = []
         while chat.next in chat.held:
             out.append(chat.held.pop(chat.next))
@@ -182,19 +182,20 @@ class Sequencer:
     async def _gaps_forever(self) -> None:
         while True:
             self._hole = trio.Event()
-            due = [(c, chat) for c, chat in self._chats.items() if chat.held]
+            due = [(c, chat) for c, chat in self._chats.items()
+                   if chat.held and chat.joined.is_set()]
             if not due:
                 await self._hole.wait()
                 continue
             now = self._clock()
             wait = min(chat.held_since + self.gap_wait_s for _, chat in due) - now
-            overfull = any(len(chat.held) > MAX_HELD for _, chat in due)
+            overfull = any(len(chat.held) >= MAX_HELD for _, chat in due)
             if wait > 0 and not overfull:
                 await trio.sleep(wait)
                 continue
             repaired = False
             for chat_id, chat in due:
-                if chat.held and (len(chat.held) > MAX_HELD
+                if chat.held and (len(chat.held) >= MAX_HELD
                                   or now - chat.held_since >= self.gap_wait_s):
                     repaired |= await self._repair(chat_id, chat, min(chat.held) - 1, "gap")
             if not repaired:  # a repair of those chats is in flight already: let it finish
@@ -224,6 +225,12 @@ class Sequencer:
         for chat_id, (epoch, last) in behind.items():
             chat = self._chats.get(chat_id)
             if chat is not None and self._behind(chat_id, (epoch, last)):
+                if epoch != chat.epoch:  # reset: the sockets go on from the new epoch's start
+                    log.warning("cluster: chat %s moved from epoch %d to %d", chat_id,
+                                chat.epoch, epoch)
+                    async with self._lock:
+                        chat.epoch, chat.next = epoch, 1
+                        chat.held.clear()
                 await self._repair(chat_id, chat, last, "head")
 
     def _behind(self, chat_id: str, head: tuple[int, int]) -> bool:
@@ -242,7 +249,8 @@ class Sequencer:
         except Exception as e:
             log.warning("cluster: repair of chat %s (%d..%d) failed: %s", chat_id, first,
                         last, e)
-            chat.held_since = self._clock()  # try again after gap_wait_s
+            chat.held_since = self._clock()
+            await trio.sleep(self.gap_wait_s)  # then try again, even with a full buffer
             return True
         finally:
             chat.repairing = False
@@ -254,11 +262,6 @@ class Sequencer:
             chat_now = self._chats.get(chat_id)
             if chat_now is not chat:
                 return True
-            if events:
-                parsed = parse_event_id(events[0].id)
-                if parsed is not None and parsed[0] != chat.epoch:
-                    chat.epoch, chat.next = parsed[0], 1
-                    chat.held.clear()
             # offsets no longer kept (pruned) cannot be delivered: skip past them
             kept = [parse_event_id(m.id) for m in events]
             if kept and kept[0] is not None and kept[0][1] > chat.next:

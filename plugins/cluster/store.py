@@ -86,6 +86,12 @@ def parse_event_id(value: str) -> tuple[int, int] | None:
     return int(value[1:4]), int(value[4:])
 
 
+#: What a database that is down, starting, read-only (a standby, a full disk) or not letting
+#: us in raises: the store is unavailable for now, not the write wrong.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.InternalError,
+                psycopg.errors.InsufficientPrivilege)
+
+
 class StoreUnavailable(Exception):
     """PostgreSQL cannot be reached, went away or refused for now (the caller maps this to
     :class:`bridge.StorageUnavailable`). The store connects again on its next call."""
@@ -128,6 +134,7 @@ class OutboxRow:
     id: int
     destination: str
     event: StoredEvent
+    source: str = ""  # the transport the event came from
 
 
 def _jsonable(value: object) -> Any:
@@ -258,7 +265,7 @@ class _Queries:
         self.heads = (f"SELECT chat_id, epoch, last_offset FROM {s}.chats"
                       " WHERE chat_id = ANY(%b::text[])")
         self.outbox = (
-            "SELECT o.id, o.destination, o.chat_id, c.epoch, o.chat_offset, e.body"
+            "SELECT o.id, o.destination, o.chat_id, c.epoch, o.chat_offset, e.body, e.source"
             f" FROM {s}.outbox o JOIN {s}.events e"
             " ON e.chat_id = o.chat_id AND e.chat_offset = o.chat_offset"
             f" JOIN {s}.chats c ON c.chat_id = o.chat_id"
@@ -360,7 +367,7 @@ class ClusterStore:
             if self._conn is None:
                 self._conn = self._connect("main")
             yield self._conn
-        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+        except _UNAVAILABLE as e:
             conn, self._conn = self._conn, None
             if conn is not None and not conn.closed and not conn.broken:
                 self._conn = conn  # a timeout or a rollback: the connection is fine
@@ -527,8 +534,8 @@ class ClusterStore:
             rows = conn.execute(self._q.outbox, (older_than_s, limit)).fetchall()
         return [OutboxRow(i, destination, StoredEvent(c, epoch, offset,
                                                       event_id(epoch, offset), _body(raw),
-                                                      duplicate=False))
-                for i, destination, c, epoch, offset, raw in rows]
+                                                      duplicate=False), source or "")
+                for i, destination, c, epoch, offset, raw, source in rows]
 
     def outbox_done(self, ids: Sequence[int]) -> None:
         """Remove the outbox rows ``ids`` (published); ids already gone are ignored."""

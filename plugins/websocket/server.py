@@ -655,7 +655,10 @@ class WebSocketTransport:
         :data:`WRITE_BATCH_BYTES`."""
         framer = sock.framer
         sequence = 0
-        last = ""  # the last replayed event: live copies up to it were sent already
+        # Live events up to the last replayed one, or up to ``since`` when nothing was
+        # replayed, reached the client already (here, or before it resumed: cluster mode's
+        # live path may still bring an event the client saw on another instance).
+        last = sock.chat.since or ""
         try:
             marks = sock.chat.marks
             if sock.chat.hello:
@@ -670,7 +673,7 @@ class WebSocketTransport:
             if marks and not sock.stopping():
                 await connection.send_message(framer.frame(framer.prepare({
                     "type": REPLAY_END, "replayed": len(replayed), "complete": complete,
-                    "lastEventId": last or None}), sequence))
+                    "lastEventId": replayed[-1].id if replayed else None}), sequence))
                 sequence += 1
             interval = self.settings.heartbeat_interval_s
             beat = trio.current_time() + interval if sock.chat.heartbeat else math.inf
