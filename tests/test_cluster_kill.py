@@ -103,7 +103,8 @@ async def until_outbox_empty(schema: str, within: float = 10.0) -> None:
 async def stored(schema: str, chat_id: str) -> list[tuple[int, str | None, str]]:
     """(offset, source key, first item's text) of every stored event of ``chat_id``."""
     rows = await query(
-        f"SELECT chat_offset, source_key, body::jsonb->'message'->0->>'text' FROM \"{schema}\".events"
+        "SELECT chat_offset, source_key, body::jsonb->'message'->0->>'text'"
+        f' FROM "{schema}".events'
         " WHERE chat_id = %s ORDER BY chat_offset", chat_id)
     return [(int(o), k, str(t)) for o, k, t in rows]
 

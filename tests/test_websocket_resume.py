@@ -178,3 +178,23 @@ async def test_since_older_than_the_sqlite_retention_is_refused_410(tmp_path: Pa
             assert [(await receive(ws))["eventId"] for _ in range(2)] == ids[2:]
     assert status == 410
     assert "no longer kept" in body
+
+
+async def test_live_events_up_to_since_are_not_sent_again(tmp_path: Path) -> None:
+    """A socket that resumes with ``since`` and gets nothing replayed (it is up to date)
+    does not get a live copy of an event up to ``since``: in cluster mode the live path of
+    this instance may still bring an event the client saw on another one."""
+    history = MemoryHistory()
+    seen = Message(CHAT_EVENT, {"type": "update", "eventId": "00000000000000000500",
+                                "timestamp": 1, "timestampms": 1000,
+                                "message": [{"type": "message", "text": "seen"}]},
+                   "test", "00000000000000000500", "room")
+    history.events.append(seen)
+    async with chat_bridge(tmp_path, extra_plugins=[history]) as b, \
+            client(b.port, "room", "since=00000000000000000500") as ws:
+        chat = b.daemon.transports["chat"]
+        newer = seen.evolve(id="00000000000000000600",
+                            body={**seen.body, "eventId": "00000000000000000600"})
+        await chat.deliver([seen, newer])  # the late copy of what it saw, then a new one
+        frame = await receive(ws)
+        assert (frame["eventId"], frame["socket_sequence"]) == ("00000000000000000600", 0)
