@@ -67,6 +67,8 @@ log = logging.getLogger("bridge.cluster")
 LAST = re.compile(r"last:([0-9]{1,6})", re.ASCII)
 ANY_EVENT_ID = re.compile(r"[0-9]{20}", re.ASCII)
 FIRST_EVENT_ID = "0" * 20
+#: how often a draining leader counts the outbox for its gauge (and once it is empty)
+DEPTH_EVERY_S = 5.0
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
 
 
@@ -147,6 +149,7 @@ class Plugin:
         self.leading = False
         self._outbox_woken = trio.Event()
         self._ctx: TransportContext | None = None
+        self._depth_due = 0.0  # when the outbox depth gauge is read again
 
     # ------------------------------------------------------------------ hooks
 
@@ -281,11 +284,11 @@ class Plugin:
                              " broker carries the backplane")
         return next(iter(self.outboxes.values())).inner
 
-    def stored(self, events: Sequence[Message]) -> None:
+    async def stored(self, events: Sequence[Message]) -> None:
         """Events this instance stored, on their way to its sockets: the others get them
         from the backplane."""
         if self.backplane is not None:
-            self.backplane.publish(events)
+            await self.backplane.publish(events)
 
     async def _arrived(self, events: list[Message]) -> None:
         if self.leading:
@@ -340,9 +343,11 @@ class Plugin:
     async def _drain_outbox(self) -> bool:
         """Publish one batch of the outbox; whether there was anything."""
         rows = await self._reader().run(lambda st: st.outbox(256))
-        if self._ctx is not None:
-            depth = await self._reader().run(lambda st: st.outbox_depth())
+        now = trio.current_time()
+        if self._ctx is not None and (not rows or now >= self._depth_due):
+            depth = await self._reader().run(lambda st: st.outbox_depth())  # a count(*)
             self._ctx.gauge("cluster_outbox_depth", depth)
+            self._depth_due = now + DEPTH_EVERY_S
         if not rows:
             return False
         done: list[int] = []
@@ -421,9 +426,9 @@ class Plugin:
         if self._ctx is not None:
             self._ctx.count(metric, kind=kind)
 
-    def _count_plain(self, metric: str) -> None:
+    def _count_plain(self, metric: str, amount: float = 1.0) -> None:
         if self._ctx is not None:
-            self._ctx.count(metric)
+            self._ctx.count(metric, amount)
 
     def _observe(self, metric: str, value: float) -> None:
         if self._ctx is not None:

@@ -7,8 +7,9 @@ length cap that drops the oldest messages first: a slow or cut-off instance lose
 messages, never the events, which it reads again from PostgreSQL (the sequencer's repairs).
 So the live path may lose messages but never stalls a writer or the broker:
 
-* publishing never waits: events go into a bounded queue that a task drains to the broker;
-  when it is full (the broker is down), the event is counted as dropped;
+* publishing waits little: events go into a bounded queue that a task drains to the broker;
+  when it is full the writer waits up to a second while the broker is connected, and the
+  events that do not fit are dropped and counted (the broker away or too slow);
 * consuming acknowledges what it has handed to the sequencer; events of chats with no local
   socket, and the instance's own events, are acknowledged unread.
 
@@ -47,6 +48,8 @@ AT_HEADER = "x-bridged-at"
 BUCKETS = 64
 #: events waiting to be published at most; more are dropped (and repaired by the others)
 OUTGOING = 4096
+#: how long a writer waits for room in a full queue while the broker is connected
+PUSH_BACK_S = 1.0
 PREFETCH = 512
 WINDOW = 512
 
@@ -87,14 +90,24 @@ class Backplane:
         self.last_error = "not connected yet"
         self.dropped = 0
 
-    def publish(self, messages: Sequence[Message]) -> None:
-        """Queue ``messages`` (stored events) for the other instances; never waits."""
-        for m in messages:
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Queue ``messages`` (stored events) for the other instances. While the broker is
+        connected a full queue pushes back on the writer for up to :data:`PUSH_BACK_S`;
+        otherwise (the broker away, or too slow) what does not fit is dropped and counted:
+        the others read it from PostgreSQL."""
+        for i, m in enumerate(messages):
             try:
                 self._send.send_nowait(m)
+                continue
             except trio.WouldBlock:
-                self.dropped += 1
-                self._count("cluster_backplane_dropped_total")
+                pass
+            if self.connected:
+                with trio.move_on_after(PUSH_BACK_S):
+                    await self._send.send(m)
+                    continue
+            self.dropped += len(messages) - i
+            self._count("cluster_backplane_dropped_total", len(messages) - i)
+            return
 
     async def run(self) -> None:
         """Connect, and connect again whenever the connection is lost, until cancelled."""
@@ -160,7 +173,7 @@ class Backplane:
         while True:
             for c in await publisher.confirms():
                 if not c.ok:
-                    self._count("cluster_backplane_dropped_total")
+                    self._count("cluster_backplane_dropped_total", 1)
 
     async def _consume(self, consumer: Consumer) -> None:
         while True:

@@ -66,7 +66,7 @@ class ChatFront(_Front):
         if len(events) + len(retries) < len(messages):  # what the transport refuses
             await self.inner.deliver([m for m in messages if m.kind != CHAT_EVENT])
         if events:
-            self.plugin.stored(events)
+            await self.plugin.stored(events)
             await self.plugin.sequencer.offer(events)
         if retries:  # the original event again, for its sender only
             await self.inner.deliver(retries)
